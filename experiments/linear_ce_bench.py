@@ -1,0 +1,106 @@
+"""Fused linear cross-entropy against the materialized (naive) form: memory and time.
+
+  python -m experiments.linear_ce_bench [--n 4096 --d 1024 --v 32768 --dtype float32]
+
+(a) Compile-time scratch memory (``memory_analysis().temp_size_in_bytes``; compiled,
+    never run) of ``value_and_grad`` w.r.t. hidden and weight of the mean loss, at the
+    Gemma-2-2B and Llama-3-8B head shapes in bf16.
+(b) Measured fwd+bwd time of the same function at a CPU-sized shape, median of
+    ``--repeats`` runs in one process, and the ratio logitlab / naive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import tqdm
+
+import logitlab
+from experiments import common
+
+HEAD_SHAPES = {  # name: (N tokens, D hidden, V vocabulary)
+    "Gemma-2-2B": (8192, 2304, 256000),
+    "Llama-3-8B": (8192, 4096, 128256),
+}
+
+
+def naive_loss(hidden, weight, labels):
+  return logitlab.cross_entropy(hidden @ weight.T, labels).mean()
+
+
+def fused_loss(args):
+  def loss(hidden, weight, labels):
+    return logitlab.linear_cross_entropy(
+        hidden, weight, labels, impl=args.impl, block_tokens=args.block_tokens,
+        block_vocab=args.block_vocab).mean()
+  return loss
+
+
+def value_and_grad(loss):
+  return jax.value_and_grad(loss, argnums=(0, 1))
+
+
+def shape_structs(n, d, v, dtype):
+  return (jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((v, d), dtype),
+          jax.ShapeDtypeStruct((n,), jnp.int32))
+
+
+def random_inputs(n, d, v, dtype, seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  hidden = jax.random.normal(k1, (n, d), dtype)
+  weight = (jax.random.normal(k2, (v, d), jnp.float32) / d**0.5).astype(dtype)
+  return hidden, weight, jax.random.randint(k3, (n,), 0, v)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--n", type=int, default=4096, help="tokens for the timing run")
+  parser.add_argument("--d", type=int, default=1024, help="hidden size for the timing run")
+  parser.add_argument("--v", type=int, default=32768, help="vocabulary for the timing run")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+  parser.add_argument("--memory-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  parser.add_argument("--impl", default="auto", choices=list(logitlab.linear.IMPLEMENTATIONS))
+  parser.add_argument("--block-tokens", type=int, default=None)
+  parser.add_argument("--block-vocab", type=int, default=None)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--skip-memory", action="store_true")
+  parser.add_argument("--skip-time", action="store_true")
+  args = parser.parse_args(argv)
+  fused = fused_loss(args)
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
+        f"impl={args.impl}")
+
+  steps = ([] if args.skip_memory else [("memory", name) for name in HEAD_SHAPES]) + (
+      [] if args.skip_time else [("time", None)])
+  memory_rows, time_rows = [], []
+  for kind, name in tqdm.tqdm(steps, desc="linear_ce_bench", file=sys.stderr):
+    if kind == "memory":
+      n, d, v = HEAD_SHAPES[name]
+      structs = shape_structs(n, d, v, jnp.dtype(args.memory_dtype))
+      naive = common.temp_bytes(value_and_grad(naive_loss), *structs)
+      ours = common.temp_bytes(value_and_grad(fused), *structs)
+      memory_rows.append([f"{name} (N={n}, D={d}, V={v}, {args.memory_dtype})",
+                          common.format_bytes(naive), common.format_bytes(ours),
+                          f"{ours / naive:.4f}"])
+    else:
+      inputs = random_inputs(args.n, args.d, args.v, jnp.dtype(args.dtype))
+      naive_fn, fused_fn = jax.jit(value_and_grad(naive_loss)), jax.jit(value_and_grad(fused))
+      t_naive = common.median_seconds(lambda: naive_fn(*inputs), args.repeats)
+      t_fused = common.median_seconds(lambda: fused_fn(*inputs), args.repeats)
+      time_rows.append([f"N={args.n}, D={args.d}, V={args.v}, {args.dtype}",
+                        f"{t_naive * 1e3:.1f}", f"{t_fused * 1e3:.1f}", f"{t_fused / t_naive:.3f}"])
+
+  if memory_rows:
+    print("\n(a) value_and_grad temp memory, compile only")
+    print(common.table(["head shape", "naive", "logitlab", "ratio"], memory_rows))
+  if time_rows:
+    print(f"\n(b) value_and_grad time, median of {args.repeats} runs (ms)")
+    print(common.table(["shape", "naive", "logitlab", "logitlab/naive"], time_rows))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

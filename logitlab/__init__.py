@@ -1,0 +1,15 @@
+"""logitlab: pure JAX functions for logit heads, losses and distillation."""
+
+from logitlab.debug import debug_checks
+from logitlab.linear import linear_cross_entropy
+from logitlab.losses import cross_entropy, kl_divergence, softmax_cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cross_entropy",
+    "debug_checks",
+    "kl_divergence",
+    "linear_cross_entropy",
+    "softmax_cross_entropy",
+]

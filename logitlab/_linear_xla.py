@@ -1,0 +1,211 @@
+"""Streaming fused linear cross-entropy in plain JAX: the path that runs anywhere.
+
+The ``[N, V]`` logits never exist. The forward pass walks vocabulary tiles for
+each token tile, keeping a float32 running max / sum-of-exponentials (online
+log-sum-exp) and the label logit. The backward pass recomputes each logit tile
+from the saved per-token ``lse`` (the only new residual, ``O(N)``) and
+accumulates ``d_hidden += g @ W_tile`` and ``d_W_tile = g^T @ hidden`` in
+float32, with ``g = dloss/dz`` from :mod:`logitlab._ce`.
+
+Ragged sizes need no padding copy of ``hidden`` or ``weight``: the last tile is
+shifted back to end at the array's edge, and the rows / columns it shares with
+the tile before are masked out of every sum.
+
+References:
+  Wijmans et al., Cut Your Losses in Large-Vocabulary Language Models (Cut
+  Cross-Entropy), arXiv:2411.09009.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from logitlab import _ce
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Static configuration of one fused call."""
+  options: _ce.Options
+  block_tokens: int
+  block_vocab: int
+  filter_eps: float | None
+
+
+class _Tiles(NamedTuple):
+  """Tiles of ``block`` along an axis of ``size``; the last one ends at ``size``."""
+  size: int
+  block: int
+  count: int
+
+  @classmethod
+  def over(cls, size: int, block: int) -> "_Tiles":
+    block = min(block, size)
+    return cls(size, block, -(-size // block))
+
+  def start(self, i):
+    return jnp.minimum(i * self.block, self.size - self.block)
+
+  def fresh(self, i, start):
+    """Marks the positions of tile ``i`` that no earlier tile covered."""
+    return start + jnp.arange(self.block) >= i * self.block
+
+  def take(self, x, i):
+    """Tile ``i`` of ``x`` along axis 0 (None passes through)."""
+    if x is None:
+      return None
+    if not (jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4):
+      return lax.dynamic_slice_in_dim(x, self.start(i), self.block)
+    # XLA:CPU runs a dynamic slice of a 16-bit float array in float32 by converting
+    # the whole array, and hoists that conversion out of the loop: a float32 copy of
+    # all of `weight`. On CPU, a switch over static slices avoids it.
+    static_starts = [min(t * self.block, self.size - self.block) for t in range(self.count)]
+    return lax.platform_dependent(
+        x, i,
+        cpu=lambda x, i: lax.switch(i, [functools.partial(
+            lax.slice_in_dim, start_index=s, limit_index=s + self.block) for s in static_starts], x),
+        default=lambda x, i: lax.dynamic_slice_in_dim(x, self.start(i), self.block))
+
+
+def _tile_logits(cfg: Config, h, w, b):
+  """``cap(h @ w^T + b)`` for one tile, float32 whatever the input dtype."""
+  dtype = jnp.promote_types(h.dtype, w.dtype)
+  z = lax.dot_general(h.astype(dtype), w.astype(dtype), (((1,), (1,)), ((), ())),
+                      preferred_element_type=jnp.float32)
+  if b is not None:
+    z = z + b.astype(jnp.float32)
+  return cfg.options.cap(z)
+
+
+def _forward_stats(cfg: Config, hidden, weight, bias, labels):
+  """Per-token float32 ``lse``, label logit and (with smoothing) logit sum."""
+  rows = _Tiles.over(hidden.shape[0], cfg.block_tokens)
+  cols = _Tiles.over(weight.shape[0], cfg.block_vocab)
+  with_sum = cfg.options.needs_logit_sum
+
+  def token_tile(i, outputs):
+    r0 = rows.start(i)
+    h, y = rows.take(hidden, i), rows.take(labels, i)
+
+    def vocab_tile(j, stats):
+      run_max, run_sum, label_logit, logit_sum = stats
+      c0 = cols.start(j)
+      fresh = cols.fresh(j, c0)
+      z = _tile_logits(cfg, h, cols.take(weight, j), cols.take(bias, j))
+      z_fresh = jnp.where(fresh, z, -jnp.inf)
+      new_max = jnp.maximum(run_max, jnp.max(z_fresh, axis=1))
+      run_sum = (run_sum * jnp.exp(run_max - new_max)
+                 + jnp.sum(jnp.exp(z_fresh - new_max[:, None]), axis=1))
+      is_label = fresh & (c0 + jnp.arange(cols.block) == y[:, None])
+      label_logit += jnp.sum(jnp.where(is_label, z, 0.0), axis=1)
+      if with_sum:
+        logit_sum += jnp.sum(jnp.where(fresh, z, 0.0), axis=1)
+      return new_max, run_sum, label_logit, logit_sum
+
+    zeros = jnp.zeros((rows.block,), jnp.float32)
+    init = (jnp.full((rows.block,), -jnp.inf), zeros, zeros, zeros)
+    run_max, run_sum, label_logit, logit_sum = lax.fori_loop(0, cols.count, vocab_tile, init)
+    tile_stats = (run_max + jnp.log(run_sum), label_logit, logit_sum)
+    return tuple(lax.dynamic_update_slice_in_dim(out, s, r0, 0)
+                 for out, s in zip(outputs, tile_stats))
+
+  n = hidden.shape[0]
+  init = tuple(jnp.zeros((n,), jnp.float32) for _ in range(3))
+  return lax.fori_loop(0, rows.count, token_tile, init)
+
+
+def _loss_and_lse(cfg, hidden, weight, bias, labels, valid):
+  lse, label_logit, logit_sum = _forward_stats(cfg, hidden, weight, bias, labels)
+  loss = cfg.options.loss(lse, label_logit, logit_sum, weight.shape[0])
+  return (jnp.where(valid, loss, 0.0), jnp.where(valid, lse, 0.0)), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def fused_cross_entropy(cfg: Config, hidden, weight, bias, labels, valid):
+  """Per-token ``(loss, lse)`` of ``hidden[N, D] @ weight[V, D]^T + bias``; 0 where invalid."""
+  return _loss_and_lse(cfg, hidden, weight, bias, labels, valid)[0]
+
+
+def _fused_fwd(cfg, hidden, weight, bias, labels, valid):
+  outputs, lse = _loss_and_lse(cfg, hidden, weight, bias, labels, valid)
+  return outputs, (hidden, weight, bias, labels, valid, lse)
+
+
+def _fused_bwd(cfg: Config, residuals, cotangents):
+  hidden, weight, bias, labels, valid, lse = residuals
+  d_loss, d_lse = cotangents
+  options = cfg.options
+  rows = _Tiles.over(hidden.shape[0], cfg.block_tokens)
+  cols = _Tiles.over(weight.shape[0], cfg.block_vocab)
+  on, off, _ = options.target_weights(weight.shape[0])
+  # dL/dz = p_scale * softmax(z) - d_loss * (on * onehot(y) + off), zero on invalid rows.
+  lse_scale = 1.0 + 2.0 * options.z_loss * lse
+  d_loss = jnp.where(valid, d_loss, 0.0)
+  p_scale = d_loss * lse_scale + jnp.where(valid, d_lse, 0.0)
+  dtype = jnp.promote_types(hidden.dtype, weight.dtype)
+
+  def vocab_tile(j, grads):
+    d_hidden, d_weight, d_bias = grads
+    c0 = cols.start(j)
+    fresh_cols = cols.fresh(j, c0)
+    col_ids = c0 + jnp.arange(cols.block)
+    w, b = cols.take(weight, j), cols.take(bias, j)
+
+    def token_tile(i, acc):
+      d_hidden, dw, db = acc
+      r0 = rows.start(i)
+      h, y, lse_i = rows.take(hidden, i), rows.take(labels, i), rows.take(lse, i)
+      keep = (rows.fresh(i, r0) & rows.take(valid, i))[:, None] & fresh_cols
+      z = _tile_logits(cfg, h, w, b)
+      probs = jnp.exp(z - lse_i[:, None])
+      target = (col_ids == y[:, None]) * on + off
+
+      def tile_grads():
+        g = rows.take(p_scale, i)[:, None] * probs
+        g = jnp.where(keep, g - rows.take(d_loss, i)[:, None] * target, 0.0)
+        if options.softcap is not None:
+          g = g * options.cap_derivative(z)
+        g_in = g.astype(dtype)
+        return (jnp.dot(g_in, w.astype(dtype), preferred_element_type=jnp.float32),
+                lax.dot_general(g_in, h.astype(dtype), (((0,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32),
+                jnp.sum(g, axis=0))
+
+      if cfg.filter_eps is None:
+        dh, dw_tile, db_tile = tile_grads()
+      else:
+        # Cut Cross-Entropy's gradient filtering: skip a tile whose every entry of
+        # dloss/dz (before the upstream cotangent) is below filter_eps.
+        unscaled = jnp.where(keep, rows.take(lse_scale, i)[:, None] * probs - target, 0.0)
+        skip = jnp.max(jnp.abs(unscaled)) < cfg.filter_eps
+        dh, dw_tile, db_tile = lax.cond(
+            skip, lambda: (jnp.zeros((rows.block, h.shape[1]), jnp.float32),
+                           jnp.zeros((cols.block, h.shape[1]), jnp.float32),
+                           jnp.zeros((cols.block,), jnp.float32)),
+            tile_grads)
+      d_hidden = lax.dynamic_update_slice_in_dim(d_hidden, rows.take(d_hidden, i) + dh, r0, 0)
+      return d_hidden, dw + dw_tile, db + db_tile
+
+    init = (d_hidden, jnp.zeros((cols.block, weight.shape[1]), jnp.float32),
+            jnp.zeros((cols.block,), jnp.float32))
+    d_hidden, dw, db = lax.fori_loop(0, rows.count, token_tile, init)
+    # Rows of this tile already written by the previous tile got dw = 0 here.
+    d_weight = lax.dynamic_update_slice_in_dim(
+        d_weight, cols.take(d_weight, j) + dw.astype(d_weight.dtype), c0, 0)
+    d_bias = lax.dynamic_update_slice_in_dim(d_bias, cols.take(d_bias, j) + db, c0, 0)
+    return d_hidden, d_weight, d_bias
+
+  init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros_like(weight),
+          jnp.zeros((weight.shape[0],), jnp.float32))
+  d_hidden, d_weight, d_bias = lax.fori_loop(0, cols.count, vocab_tile, init)
+  d_bias = None if bias is None else d_bias.astype(bias.dtype)
+  return d_hidden.astype(hidden.dtype), d_weight, d_bias, None, None
+
+
+fused_cross_entropy.defvjp(_fused_fwd, _fused_bwd)
