@@ -91,7 +91,7 @@ def main(argv=None) -> int:
       t_naive = common.median_seconds(lambda: naive_fn(*inputs), args.repeats)
       t_fused = common.median_seconds(lambda: fused_fn(*inputs), args.repeats)
       time_rows.append([f"N={args.n}, D={args.d}, V={args.v}, {args.dtype}",
-                        f"{t_naive * 1e3:.1f}", f"{t_fused * 1e3:.1f}", f"{t_fused / t_naive:.3f}"])
+                        f"{t_naive * 1e3:.3f}", f"{t_fused * 1e3:.3f}", f"{t_fused / t_naive:.3f}"])
 
   if memory_rows:
     print("\n(a) value_and_grad temp memory, compile only")

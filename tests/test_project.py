@@ -1,0 +1,53 @@
+"""The README's example runs, CI runs the README's test command, the benchmark prints its table."""
+
+import pathlib
+import re
+import subprocess
+
+import logitlab
+from experiments import linear_ce_bench
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_opens_with_the_two_setup_commands():
+  first_block = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
+  assert first_block == [
+      'pip install -e ".[experiments]" && python -m experiments.linear_ce_bench',
+      'pip install -e ".[test]" && python -m pytest',
+  ]
+
+
+def test_ci_extracts_the_readme_test_command():
+  script = (ROOT / ".ci/run").read_text()
+  pattern = re.search(r"grep -m1 -E '(.*?)' README.md", script).group(1)
+  found = subprocess.run(["grep", "-m1", "-E", pattern, "README.md"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.strip()
+  assert found == 'pip install -e ".[test]" && python -m pytest'
+
+
+def test_readme_python_examples_run(capsys):
+  namespace = {}
+  for block in re.findall(r"```python\n(.*?)```", README, re.S):
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+  assert "next-token loss" in capsys.readouterr().out
+
+
+def test_public_api():
+  assert sorted(logitlab.__all__) == sorted(
+      ["cross_entropy", "softmax_cross_entropy", "kl_divergence", "linear_cross_entropy",
+       "debug_checks"])
+  for name in logitlab.__all__:
+    assert getattr(logitlab, name).__doc__
+
+
+def test_linear_ce_bench_prints_time_table(capsys):
+  assert linear_ce_bench.main(["--skip-memory", "--n", "64", "--d", "16", "--v", "300",
+                               "--repeats", "2", "--block-tokens", "32", "--block-vocab", "64"]) == 0
+  out = capsys.readouterr().out
+  row = re.search(r"N=64, D=16, V=300, float32 \|\s*([\d.]+) \|\s*([\d.]+) \|\s*([\d.]+)", out)
+  assert row, out
+  naive_ms, fused_ms, ratio = map(float, row.groups())
+  assert naive_ms > 0 and fused_ms > 0
+  assert abs(ratio - fused_ms / naive_ms) <= 0.001 + 0.01 * ratio
