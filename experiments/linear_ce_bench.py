@@ -35,7 +35,7 @@ def fused_loss(args):
   def loss(hidden, weight, labels):
     return logitlab.linear_cross_entropy(
         hidden, weight, labels, impl=args.impl, block_tokens=args.block_tokens,
-        block_vocab=args.block_vocab).mean()
+        block_vocab=args.block_vocab, filter_eps=args.filter_eps).mean()
   return loss
 
 
@@ -65,13 +65,15 @@ def main(argv=None) -> int:
   parser.add_argument("--impl", default="auto", choices=list(logitlab.linear.IMPLEMENTATIONS))
   parser.add_argument("--block-tokens", type=int, default=None)
   parser.add_argument("--block-vocab", type=int, default=None)
+  parser.add_argument("--filter-eps", type=float, default=None,
+                      help="gradient filtering threshold (approximate; off by default)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--skip-memory", action="store_true")
   parser.add_argument("--skip-time", action="store_true")
   args = parser.parse_args(argv)
   fused = fused_loss(args)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
-        f"impl={args.impl}")
+        f"impl={args.impl}, filter_eps={args.filter_eps}")
 
   steps = ([] if args.skip_memory else [("memory", name) for name in HEAD_SHAPES]) + (
       [] if args.skip_time else [("time", None)])

@@ -66,10 +66,16 @@ class Options:
     return 1.0 - jnp.square(capped / self.softcap)
 
   def target_weights(self, num_classes):
-    """Returns ``(on, off, sum_c q_c log q_c)`` of the smoothed target ``q``."""
+    """Returns ``(on, off, sum_c q_c log q_c)`` of the smoothed target ``q``.
+
+    ``num_classes`` may be an array (classes selected per row by a mask); under
+    t5x a row with a single class has nowhere to spread ``eps`` and keeps the
+    one-hot target.
+    """
     eps = self.label_smoothing
     if self.smoothing == "uniform":
       return 1.0 - eps, eps / num_classes, 0.0
+    eps = jnp.where(num_classes > 1, eps, 0.0)
     off = eps / jnp.maximum(num_classes - 1, 1)
     return 1.0 - eps - off, off, xlogy(1.0 - eps, 1.0 - eps) + xlogy(eps, off)
 

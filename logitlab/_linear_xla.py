@@ -73,6 +73,18 @@ class _Tiles(NamedTuple):
         default=lambda x, i: lax.dynamic_slice_in_dim(x, self.start(i), self.block))
 
 
+def _varying_like(tree, *refs):
+  """Returns ``tree`` typed as varying over every mesh axis one of ``refs`` varies over.
+
+  Inside ``jax.shard_map`` (with ``check_vma``) a loop carry must keep its type,
+  but fresh zeros are invariant while what accumulates into them is not. Adding
+  an exact scalar zero derived from ``refs`` gives the carry their axes; outside
+  shard_map it is a no-op that XLA folds away.
+  """
+  zero = sum(jnp.zeros_like(r, jnp.float32, shape=()) for r in refs if r is not None)
+  return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
+
+
 def _tile_logits(cfg: Config, h, w, b):
   """``cap(h @ w^T + b)`` for one tile, float32 whatever the input dtype."""
   dtype = jnp.promote_types(h.dtype, w.dtype)
@@ -109,14 +121,16 @@ def _forward_stats(cfg: Config, hidden, weight, bias, labels):
       return new_max, run_sum, label_logit, logit_sum
 
     zeros = jnp.zeros((rows.block,), jnp.float32)
-    init = (jnp.full((rows.block,), -jnp.inf), zeros, zeros, zeros)
+    init = _varying_like((jnp.full((rows.block,), -jnp.inf), zeros, zeros, zeros),
+                         hidden, weight, bias, labels)
     run_max, run_sum, label_logit, logit_sum = lax.fori_loop(0, cols.count, vocab_tile, init)
     tile_stats = (run_max + jnp.log(run_sum), label_logit, logit_sum)
     return tuple(lax.dynamic_update_slice_in_dim(out, s, r0, 0)
                  for out, s in zip(outputs, tile_stats))
 
   n = hidden.shape[0]
-  init = tuple(jnp.zeros((n,), jnp.float32) for _ in range(3))
+  init = _varying_like(tuple(jnp.zeros((n,), jnp.float32) for _ in range(3)),
+                       hidden, weight, bias, labels)
   return lax.fori_loop(0, rows.count, token_tile, init)
 
 
@@ -149,6 +163,7 @@ def _fused_bwd(cfg: Config, residuals, cotangents):
   d_loss = jnp.where(valid, d_loss, 0.0)
   p_scale = d_loss * lse_scale + jnp.where(valid, d_lse, 0.0)
   dtype = jnp.promote_types(hidden.dtype, weight.dtype)
+  vary = lambda tree: _varying_like(tree, hidden, weight, bias, labels, valid, d_loss, d_lse)
 
   def vocab_tile(j, grads):
     d_hidden, d_weight, d_bias = grads
@@ -167,10 +182,10 @@ def _fused_bwd(cfg: Config, residuals, cotangents):
       target = (col_ids == y[:, None]) * on + off
 
       def tile_grads():
-        g = rows.take(p_scale, i)[:, None] * probs
-        g = jnp.where(keep, g - rows.take(d_loss, i)[:, None] * target, 0.0)
+        g = rows.take(p_scale, i)[:, None] * probs - rows.take(d_loss, i)[:, None] * target
         if options.softcap is not None:
           g = g * options.cap_derivative(z)
+        g = jnp.where(keep, g, 0.0)
         g_in = g.astype(dtype)
         return (jnp.dot(g_in, w.astype(dtype), preferred_element_type=jnp.float32),
                 lax.dot_general(g_in, h.astype(dtype), (((0,), (0,)), ((), ())),
@@ -185,15 +200,15 @@ def _fused_bwd(cfg: Config, residuals, cotangents):
         unscaled = jnp.where(keep, rows.take(lse_scale, i)[:, None] * probs - target, 0.0)
         skip = jnp.max(jnp.abs(unscaled)) < cfg.filter_eps
         dh, dw_tile, db_tile = lax.cond(
-            skip, lambda: (jnp.zeros((rows.block, h.shape[1]), jnp.float32),
-                           jnp.zeros((cols.block, h.shape[1]), jnp.float32),
-                           jnp.zeros((cols.block,), jnp.float32)),
+            skip, lambda: vary((jnp.zeros((rows.block, h.shape[1]), jnp.float32),
+                                jnp.zeros((cols.block, h.shape[1]), jnp.float32),
+                                jnp.zeros((cols.block,), jnp.float32))),
             tile_grads)
       d_hidden = lax.dynamic_update_slice_in_dim(d_hidden, rows.take(d_hidden, i) + dh, r0, 0)
       return d_hidden, dw + dw_tile, db + db_tile
 
-    init = (d_hidden, jnp.zeros((cols.block, weight.shape[1]), jnp.float32),
-            jnp.zeros((cols.block,), jnp.float32))
+    init = (d_hidden, *vary((jnp.zeros((cols.block, weight.shape[1]), jnp.float32),
+                             jnp.zeros((cols.block,), jnp.float32))))
     d_hidden, dw, db = lax.fori_loop(0, rows.count, token_tile, init)
     # Rows of this tile already written by the previous tile got dw = 0 here.
     d_weight = lax.dynamic_update_slice_in_dim(
@@ -201,8 +216,8 @@ def _fused_bwd(cfg: Config, residuals, cotangents):
     d_bias = lax.dynamic_update_slice_in_dim(d_bias, cols.take(d_bias, j) + db, c0, 0)
     return d_hidden, d_weight, d_bias
 
-  init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros_like(weight),
-          jnp.zeros((weight.shape[0],), jnp.float32))
+  init = vary((jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(weight.shape, weight.dtype),
+               jnp.zeros((weight.shape[0],), jnp.float32)))
   d_hidden, d_weight, d_bias = lax.fori_loop(0, cols.count, vocab_tile, init)
   d_bias = None if bias is None else d_bias.astype(bias.dtype)
   return d_hidden.astype(hidden.dtype), d_weight, d_bias, None, None

@@ -88,14 +88,14 @@ def choice(fn: str, name: str, value, options: Sequence[str]) -> str:
 
 
 def class_axes(fn: str, axis, ndim: int) -> tuple[int, ...]:
-  """Normalizes an int or tuple ``axis`` to sorted, non-negative, unique axes."""
+  """Normalizes an int or tuple ``axis`` to non-negative unique axes, order kept (as optax)."""
   axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
   if not isinstance(axes, tuple) or not axes or not all(
       isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes):
     raise TypeError(f"{fn}: `axis` must be an int or a non-empty tuple of ints, got {axis!r}.")
   if any(not -ndim <= a < ndim for a in axes):
     raise ValueError(f"{fn}: `axis`={axis!r} is out of range for logits of rank {ndim}.")
-  normalized = tuple(sorted({int(a) % ndim for a in axes}))
-  if len(normalized) != len(axes):
+  normalized = tuple(int(a) % ndim for a in axes)
+  if len(set(normalized)) != len(axes):
     raise ValueError(f"{fn}: `axis`={axis!r} repeats an axis.")
   return normalized

@@ -133,8 +133,10 @@ def linear_cross_entropy(
   v.choice(fn, "impl", impl, IMPLEMENTATIONS)
   config = _linear_xla.Config(
       options=options,
-      block_tokens=v.static_int(fn, "block_tokens", block_tokens or DEFAULT_BLOCK_TOKENS, minimum=1),
-      block_vocab=v.static_int(fn, "block_vocab", block_vocab or DEFAULT_BLOCK_VOCAB, minimum=1),
+      block_tokens=v.static_int(fn, "block_tokens", DEFAULT_BLOCK_TOKENS if block_tokens is None
+                                else block_tokens, minimum=1),
+      block_vocab=v.static_int(fn, "block_vocab", DEFAULT_BLOCK_VOCAB if block_vocab is None
+                               else block_vocab, minimum=1),
       filter_eps=filter_eps)
 
   valid = jnp.ones(labels.shape, bool) if where is None else v.bool_mask(fn, "where", where, labels.shape)

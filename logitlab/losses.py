@@ -16,6 +16,8 @@ examples.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -28,7 +30,7 @@ def _classes_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """Moves ``axes`` to the end (order kept) and flattens them into one axis."""
   batch = [a for a in range(x.ndim) if a not in axes]
   x = jnp.transpose(x, batch + list(axes))
-  return x.reshape(x.shape[:len(batch)] + (-1,))
+  return x.reshape(x.shape[:len(batch)] + (math.prod(x.shape[len(batch):]),))
 
 
 def _split_where(fn: str, where, logits_shape, axes, batch_shape):
@@ -42,11 +44,11 @@ def _split_where(fn: str, where, logits_shape, axes, batch_shape):
   return v.bool_mask(fn, "where", where, batch_shape), None
 
 
-def _prepare(fn, logits, axis, where):
+def _prepare(fn, logits, axis, where, name="logits"):
   """Validates ``logits``; returns ``(z[batch, C] float32, example_mask, class_mask)``."""
-  logits = v.float_array(fn, "logits", logits)
+  logits = v.float_array(fn, name, logits)
   if logits.ndim == 0:
-    raise ValueError(f"{fn}: `logits` must have at least one (class) axis, got a scalar.")
+    raise ValueError(f"{fn}: `{name}` must have at least one (class) axis, got a scalar.")
   axes = v.class_axes(fn, axis, logits.ndim)
   z = _classes_last(logits, axes).astype(jnp.float32)
   example_mask, class_mask = _split_where(fn, where, logits.shape, axes, z.shape[:-1])
@@ -76,10 +78,10 @@ def cross_entropy(
   With ``z = softcap * tanh(logits / softcap)`` (or the logits when ``softcap`` is
   None), ``lse = logsumexp(z)`` and the smoothed target ``q`` of ``smoothing``::
 
-    loss = KL(q || softmax(z)) + z_loss * lse**2
-         = lse - sum_c q_c z_c + sum_c q_c log q_c + z_loss * lse**2
+    uniform: loss = -sum_c q_c log softmax(z)_c + z_loss * lse**2    (cross-entropy to q)
+    t5x:     loss = KL(q || softmax(z)) + z_loss * lse**2           (minus q's entropy)
 
-  which is ``lse - z_y`` without smoothing (``optax.softmax_cross_entropy_with_integer_labels``).
+  both ``lse - z_y`` without smoothing (``optax.softmax_cross_entropy_with_integer_labels``).
 
   Args:
     logits: ``[..., C]`` float logits (``C`` along ``axis``).
@@ -103,8 +105,8 @@ def cross_entropy(
   Example:
     >>> import jax.numpy as jnp, logitlab
     >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
-    >>> logitlab.cross_entropy(logits, jnp.array([0, 1])).round(4)
-    Array([0.2761, 2.9518], dtype=float32)
+    >>> [round(float(x), 4) for x in logitlab.cross_entropy(logits, jnp.array([0, 1]))]
+    [0.2761, 2.9518]
 
   References:
     Chowdhery et al., PaLM (z-loss), arXiv:2204.02311.
@@ -124,16 +126,19 @@ def cross_entropy(
   valid = example_mask
   if ignore_index is not None:
     valid = valid & (labels != v.static_int(fn, "ignore_index", ignore_index, minimum=-2**31))
-  debug.check_labels(fn, labels, valid, num_classes)
-  debug.check_finite(fn, logits=z)
-
-  # Masked rows see all-zero logits and every class, so no inf or NaN reaches them.
-  z = options.cap(jnp.where(valid[..., None], z, 0.0))
+  safe_labels = jnp.where(valid, labels, 0)
+  # Every masked entry becomes a 0 logit before anything else touches it, so no inf
+  # or NaN there reaches a value or a gradient; masked rows see all classes. As in
+  # optax, the label's logit is read even when a class mask leaves it out.
+  keep = valid[..., None]
   if class_mask is not None:
+    keep = keep & (class_mask | (jnp.arange(num_classes) == safe_labels[..., None]))
     class_mask = class_mask | ~valid[..., None]
     num_classes = jnp.sum(class_mask, axis=-1)
+  debug.check_labels(fn, labels, valid, z.shape[-1])
+  debug.check_finite(fn, logits=jnp.where(keep, z, 0.0))
+  z = options.cap(jnp.where(keep, z, 0.0))
   lse = _masked_logsumexp(z, class_mask)
-  safe_labels = jnp.where(valid, labels, 0)
   label_logit = jnp.take_along_axis(z, safe_labels[..., None], axis=-1)[..., 0]
   logit_sum = None
   if options.needs_logit_sum:
@@ -170,8 +175,8 @@ def softmax_cross_entropy(
     >>> import jax.numpy as jnp, logitlab
     >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
     >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    >>> logitlab.softmax_cross_entropy(logits, labels).round(4)
-    Array([0.2761, 2.9518], dtype=float32)
+    >>> [round(float(x), 4) for x in logitlab.softmax_cross_entropy(logits, labels)]
+    [0.2761, 2.9518]
   """
   fn = "softmax_cross_entropy"
   labels = v.float_array(fn, "labels", labels)
@@ -180,10 +185,10 @@ def softmax_cross_entropy(
                      f"{jnp.shape(logits)}.")
   z, example_mask, class_mask = _prepare(fn, logits, axis, where)
   targets = _classes_last(labels, v.class_axes(fn, axis, labels.ndim)).astype(jnp.float32)
-  debug.check_finite(fn, logits=z, labels=targets)
   keep = example_mask[..., None] if class_mask is None else class_mask
+  debug.check_finite(fn, logits=jnp.where(keep, z, 0.0), labels=jnp.where(keep, targets, 0.0))
   z = jnp.where(keep, z, 0.0)
-  log_probs = z - _masked_logsumexp(z, keep | ~example_mask[..., None])
+  log_probs = z - _masked_logsumexp(z, keep | ~example_mask[..., None])[..., None]
   terms = jnp.where(keep & (targets != 0), targets * log_probs, 0.0)
   return -jnp.sum(terms, axis=-1)
 
@@ -213,8 +218,8 @@ def kl_divergence(
   Example:
     >>> import jax.numpy as jnp, logitlab
     >>> log_p = jnp.log(jnp.array([[0.5, 0.5]]))
-    >>> logitlab.kl_divergence(log_p, jnp.array([[1.0, 0.0]])).round(4)
-    Array([0.6931], dtype=float32)
+    >>> [round(float(x), 4) for x in logitlab.kl_divergence(log_p, jnp.array([[1.0, 0.0]]))]
+    [0.6931]
 
   References:
     Kullback and Leibler, On Information and Sufficiency, 1951.
@@ -224,10 +229,10 @@ def kl_divergence(
   if targets.shape != jnp.shape(log_predictions):
     raise ValueError(f"{fn}: `targets` of shape {targets.shape} must match `log_predictions` "
                      f"of shape {jnp.shape(log_predictions)}.")
-  log_p, example_mask, term_mask = _prepare(fn, log_predictions, axis, where)
+  log_p, example_mask, term_mask = _prepare(fn, log_predictions, axis, where, "log_predictions")
   t = _classes_last(targets, v.class_axes(fn, axis, targets.ndim)).astype(jnp.float32)
-  debug.check_finite(fn, targets=t)
   keep = example_mask[..., None] if term_mask is None else term_mask
+  debug.check_finite(fn, targets=jnp.where(keep, t, 0.0))
   keep = keep & (t != 0)
   t, log_p = jnp.where(keep, t, 1.0), jnp.where(keep, log_p, 0.0)
   return jnp.sum(jnp.where(keep, t * (jnp.log(t) - log_p), 0.0), axis=-1)
