@@ -49,6 +49,13 @@ def bool_mask(fn: str, name: str, x, shape: Sequence[int]) -> jax.Array:
                      f"{tuple(shape)}.") from None
 
 
+def label_mask(fn: str, labels: jax.Array, valid: jax.Array, ignore_index) -> jax.Array:
+  """``valid`` with the positions whose label equals ``ignore_index`` masked out."""
+  if ignore_index is None:
+    return valid
+  return valid & (labels != static_int(fn, "ignore_index", ignore_index, minimum=-2**31))
+
+
 def static_number(fn: str, name: str, value, *, minimum=None, maximum=None,
                   min_open: bool = False) -> float:
   """Returns a hyperparameter as a Python float after range checks.

@@ -140,8 +140,7 @@ def linear_cross_entropy(
       filter_eps=filter_eps)
 
   valid = jnp.ones(labels.shape, bool) if where is None else v.bool_mask(fn, "where", where, labels.shape)
-  if ignore_index is not None:
-    valid = valid & (labels != v.static_int(fn, "ignore_index", ignore_index, minimum=-2**31))
+  valid = v.label_mask(fn, labels, valid, ignore_index)
   if shift:
     labels, valid = _shift_left(labels, shift, 0), _shift_left(valid, shift, False)
   debug.check_labels(fn, labels, valid, num_classes)

@@ -123,9 +123,7 @@ def cross_entropy(
                                z_loss=z_loss, softcap=softcap)
   num_classes = z.shape[-1]
   options.check_num_classes(fn, num_classes)
-  valid = example_mask
-  if ignore_index is not None:
-    valid = valid & (labels != v.static_int(fn, "ignore_index", ignore_index, minimum=-2**31))
+  valid = v.label_mask(fn, labels, example_mask, ignore_index)
   safe_labels = jnp.where(valid, labels, 0)
   # Every masked entry becomes a 0 logit before anything else touches it, so no inf
   # or NaN there reaches a value or a gradient; masked rows see all classes. As in

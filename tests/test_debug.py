@@ -158,3 +158,42 @@ def test_environment_variable_enables_checks_at_import(value, expected):
   result = subprocess.run([sys.executable, "-c", SUBPROCESS_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=120, check=True)
   assert result.stdout.strip().splitlines()[-1] == expected, result.stderr
+
+
+HIDDEN = np.ones((2, 4, 3), np.float32)        # [batch, seq, D]
+WEIGHT = np.zeros((6, 3), np.float32)          # V = 6
+BIAS = np.zeros((6,), np.float32)
+
+
+def jitted_lce(**kwargs):
+  return jax.jit(lambda h, w, b, y: logitlab.linear_cross_entropy(h, w, y, bias=b, **kwargs))
+
+
+@pytest.mark.parametrize("labels, kwargs, match", [
+    ([[0, 1, 2, 6], [0, 0, 0, 0]], {}, r"linear_cross_entropy: 1 unmasked label\(s\) outside "
+                                        r"\[0, 6\), e\.g\. 6"),
+    # with shift=1 the label at position 0 is never read, the one at position 3 is.
+    ([[9, 1, 2, -3], [0, 0, 0, 0]], {"shift": 1}, r"1 unmasked label\(s\) outside \[0, 6\), e\.g\. -3"),
+], ids=["plain", "shifted"])
+def test_linear_cross_entropy_checks_labels_it_reads(labels, kwargs, match):
+  with logitlab.debug_checks():
+    with pytest.raises(jax.errors.JaxRuntimeError, match=match):
+      run(jitted_lce(**kwargs), HIDDEN, WEIGHT, BIAS, np.array(labels, np.int32))
+
+
+@pytest.mark.parametrize("name", ["hidden", "weight", "bias"])
+def test_linear_cross_entropy_checks_inputs_are_finite(name):
+  inputs = {"hidden": HIDDEN, "weight": WEIGHT, "bias": BIAS}
+  inputs[name] = with_nan(inputs[name], (0,) * inputs[name].ndim)
+  labels = np.zeros((2, 4), np.int32)
+  with logitlab.debug_checks():
+    with pytest.raises(jax.errors.JaxRuntimeError,
+                       match=rf"linear_cross_entropy: `{name}` of shape .* holds 1 non-finite"):
+      run(jitted_lce(), inputs["hidden"], inputs["weight"], inputs["bias"], labels)
+
+
+def test_linear_cross_entropy_skips_masked_and_shifted_out_labels():
+  labels = np.array([[7, 1, 2, -100], [0, -100, 0, 0]], np.int32)
+  with logitlab.debug_checks():
+    loss = run(jitted_lce(shift=1, ignore_index=-100), HIDDEN, WEIGHT, BIAS, labels)
+  np.testing.assert_allclose(loss, np.where([[1, 1, 0, 0], [0, 1, 1, 0]], np.log(6), 0.0), rtol=1e-6)
