@@ -32,10 +32,10 @@ def naive_loss(hidden, weight, labels):
   return logitlab.cross_entropy(hidden @ weight.T, labels).mean()
 
 
-def fused_loss(args):
+def fused_loss(args, impl=None):
   def loss(hidden, weight, labels):
     return logitlab.linear_cross_entropy(
-        hidden, weight, labels, impl=args.impl, block_tokens=args.block_tokens,
+        hidden, weight, labels, impl=impl or args.impl, block_tokens=args.block_tokens,
         block_vocab=args.block_vocab, filter_eps=args.filter_eps).mean()
   return loss
 
@@ -56,6 +56,24 @@ def random_inputs(n, d, v, dtype, seed=0):
   return hidden, weight, jax.random.randint(k3, (n,), 0, v)
 
 
+def time_head(name, args):
+  """Rows of (c): naive, the XLA streaming path and ``--impl`` at one head shape."""
+  n, d, v = HEAD_SHAPES[name]
+  dtype = jnp.dtype(args.memory_dtype)
+  inputs = random_inputs(n, d, v, dtype)
+  impls = [("naive", naive_loss), ("xla", fused_loss(args, "xla"))]
+  if args.impl != "xla":
+    impls.append((args.impl, fused_loss(args)))
+  rows = []
+  for label, loss in impls:
+    step = jax.jit(value_and_grad(loss))
+    seconds = common.median_seconds(lambda: step(*inputs), args.repeats)
+    memory = common.temp_bytes(value_and_grad(loss), *shape_structs(n, d, v, dtype))
+    rows.append([name, label, f"{seconds * 1e3:.2f}", f"{8 * n * d * v / seconds / 1e12:.1f}",
+                 common.format_bytes(memory)])
+  return rows
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--n", type=int, default=4096, help="tokens for the timing run")
@@ -71,14 +89,18 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--skip-memory", action="store_true")
   parser.add_argument("--skip-time", action="store_true")
+  parser.add_argument("--heads", action="store_true",
+                      help="(c) on an accelerator: time naive, xla and --impl at the head shapes "
+                           "in --memory-dtype, with effective TFLOP/s (8NDV / time)")
   args = parser.parse_args(argv)
   fused = fused_loss(args)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
         f"impl={args.impl}, filter_eps={args.filter_eps}")
 
   steps = ([] if args.skip_memory else [("memory", name) for name in HEAD_SHAPES]) + (
-      [] if args.skip_time else [("time", None)])
-  memory_rows, time_rows = [], []
+      [] if args.skip_time else [("time", None)]) + (
+      [("heads", name) for name in HEAD_SHAPES] if args.heads else [])
+  memory_rows, time_rows, head_rows = [], [], []
   for kind, name in tqdm.tqdm(steps, desc="linear_ce_bench", file=sys.stderr):
     if kind == "memory":
       n, d, v = HEAD_SHAPES[name]
@@ -88,7 +110,7 @@ def main(argv=None) -> int:
       memory_rows.append([f"{name} (N={n}, D={d}, V={v}, {args.memory_dtype})",
                           common.format_bytes(naive), common.format_bytes(ours),
                           f"{ours / naive:.4f}"])
-    else:
+    elif kind == "time":
       inputs = random_inputs(args.n, args.d, args.v, jnp.dtype(args.dtype))
       matmul = jax.jit(lambda h, w, y: h @ w.T)
       naive_fn, fused_fn = jax.jit(value_and_grad(naive_loss)), jax.jit(value_and_grad(fused))
@@ -97,10 +119,17 @@ def main(argv=None) -> int:
       time_rows.append([f"N={args.n}, D={args.d}, V={args.v}, {args.dtype}",
                         f"{t_matmul * 1e3:.3f}", f"{t_naive * 1e3:.3f}", f"{t_fused * 1e3:.3f}",
                         f"{t_fused / t_naive:.3f}"])
+    else:
+      head_rows += time_head(name, args)
 
   if memory_rows:
     print("\n(a) value_and_grad temp memory, compile only")
     print(common.table(["head shape", "naive", "logitlab", "ratio"], memory_rows))
+  if head_rows:
+    print(f"\n(c) value_and_grad at the head shapes, {args.memory_dtype}, median of "
+          f"{args.repeats} runs; effective TFLOP/s = 8*N*D*V / time")
+    print(common.table(["head shape", "implementation", "time (ms)", "eff. TFLOP/s",
+                        "temp memory"], head_rows))
   if time_rows:
     print(f"\n(b) value_and_grad time, median of {args.repeats} runs (ms); one N x D x V matmul "
           "for scale (naive does 3 of them, logitlab 4: 6NDV vs 8NDV FLOPs)")

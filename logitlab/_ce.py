@@ -29,6 +29,16 @@ from jax.scipy.special import xlogy
 from logitlab import _validation as v
 
 
+def cap(z: jax.Array, softcap: float | None) -> jax.Array:
+  """Applies the softcap ``c * tanh(z / c)`` (identity when ``softcap`` is None)."""
+  return z if softcap is None else softcap * jnp.tanh(z / softcap)
+
+
+def cap_derivative(capped: jax.Array, softcap: float | None):
+  """``d cap(z) / dz`` in terms of the capped value: ``1 - (cap / c)**2`` (1 without a cap)."""
+  return 1.0 if softcap is None else 1.0 - jnp.square(capped / softcap)
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Validated, static loss options (hashable, so usable as a jit static)."""
@@ -58,12 +68,7 @@ class Options:
     return self.label_smoothing > 0
 
   def cap(self, z: jax.Array) -> jax.Array:
-    """Applies the softcap ``c * tanh(z / c)`` (identity without one)."""
-    return z if self.softcap is None else self.softcap * jnp.tanh(z / self.softcap)
-
-  def cap_derivative(self, capped: jax.Array) -> jax.Array:
-    """``d cap(z) / dz`` written in terms of the capped value: ``1 - (cap / c)**2``."""
-    return 1.0 - jnp.square(capped / self.softcap)
+    return cap(z, self.softcap)
 
   def target_weights(self, num_classes):
     """Returns ``(on, off, sum_c q_c log q_c)`` of the smoothed target ``q``.

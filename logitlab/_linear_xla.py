@@ -1,4 +1,8 @@
-"""Streaming fused linear cross-entropy in plain JAX: the path that runs anywhere.
+"""Streaming fused linear cross-entropy in plain JAX: the ``impl="xla"`` backend.
+
+It runs on every platform. ``forward`` / ``backward`` follow the same contract as
+the Pallas backends in ``pallas_kernels.linear_cross_entropy``; the custom VJP
+that joins them to the loss lives in :mod:`logitlab.linear`.
 
 The ``[N, V]`` logits never exist. The forward pass walks vocabulary tiles for
 each token tile, keeping a float32 running max / sum-of-exponentials (online
@@ -18,7 +22,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -28,14 +31,8 @@ from jax import lax
 
 from logitlab import _ce
 
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """Static configuration of one fused call."""
-  options: _ce.Options
-  block_tokens: int
-  block_vocab: int
-  filter_eps: float | None
+DEFAULT_BLOCK_TOKENS = 1024
+DEFAULT_BLOCK_VOCAB = 1024
 
 
 class _Tiles(NamedTuple):
@@ -85,21 +82,25 @@ def _varying_like(tree, *refs):
   return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
 
-def _tile_logits(cfg: Config, h, w, b):
+def _tile_logits(h, w, b, softcap):
   """``cap(h @ w^T + b)`` for one tile, float32 whatever the input dtype."""
   dtype = jnp.promote_types(h.dtype, w.dtype)
   z = lax.dot_general(h.astype(dtype), w.astype(dtype), (((1,), (1,)), ((), ())),
                       preferred_element_type=jnp.float32)
   if b is not None:
     z = z + b.astype(jnp.float32)
-  return cfg.options.cap(z)
+  return _ce.cap(z, softcap)
 
 
-def _forward_stats(cfg: Config, hidden, weight, bias, labels):
-  """Per-token float32 ``lse``, label logit and (with smoothing) logit sum."""
-  rows = _Tiles.over(hidden.shape[0], cfg.block_tokens)
-  cols = _Tiles.over(weight.shape[0], cfg.block_vocab)
-  with_sum = cfg.options.needs_logit_sum
+def forward(hidden, weight, bias, labels, *, softcap, with_logit_sum,
+            block_tokens=None, block_vocab=None):
+  """Per-token float32 ``(lse, label_logit, logit_sum)`` of ``cap(hidden @ weight.T + bias)``.
+
+  ``logit_sum`` is zeros unless ``with_logit_sum``. Shapes: hidden [N, D], weight
+  [V, D], bias [V] or None, labels [N].
+  """
+  rows = _Tiles.over(hidden.shape[0], block_tokens or DEFAULT_BLOCK_TOKENS)
+  cols = _Tiles.over(weight.shape[0], block_vocab or DEFAULT_BLOCK_VOCAB)
 
   def token_tile(i, outputs):
     r0 = rows.start(i)
@@ -109,14 +110,14 @@ def _forward_stats(cfg: Config, hidden, weight, bias, labels):
       run_max, run_sum, label_logit, logit_sum = stats
       c0 = cols.start(j)
       fresh = cols.fresh(j, c0)
-      z = _tile_logits(cfg, h, cols.take(weight, j), cols.take(bias, j))
+      z = _tile_logits(h, cols.take(weight, j), cols.take(bias, j), softcap)
       z_fresh = jnp.where(fresh, z, -jnp.inf)
       new_max = jnp.maximum(run_max, jnp.max(z_fresh, axis=1))
       run_sum = (run_sum * jnp.exp(run_max - new_max)
                  + jnp.sum(jnp.exp(z_fresh - new_max[:, None]), axis=1))
       is_label = fresh & (c0 + jnp.arange(cols.block) == y[:, None])
       label_logit += jnp.sum(jnp.where(is_label, z, 0.0), axis=1)
-      if with_sum:
+      if with_logit_sum:
         logit_sum += jnp.sum(jnp.where(fresh, z, 0.0), axis=1)
       return new_max, run_sum, label_logit, logit_sum
 
@@ -134,36 +135,21 @@ def _forward_stats(cfg: Config, hidden, weight, bias, labels):
   return lax.fori_loop(0, rows.count, token_tile, init)
 
 
-def _loss_and_lse(cfg, hidden, weight, bias, labels, valid):
-  lse, label_logit, logit_sum = _forward_stats(cfg, hidden, weight, bias, labels)
-  loss = cfg.options.loss(lse, label_logit, logit_sum, weight.shape[0])
-  return (jnp.where(valid, loss, 0.0), jnp.where(valid, lse, 0.0)), lse
+def backward(hidden, weight, bias, labels, valid, lse, d_loss, p_scale, *, on, off, z_loss,
+             softcap, filter_eps, block_tokens=None, block_vocab=None):
+  """``(d_hidden, d_weight, d_bias)`` for ``g = dL/dz`` recomputed tile by tile::
 
+    g = where(valid, (p_scale * softmax(z) - d_loss * (on * onehot(labels) + off)) * cap'(z), 0)
+    d_hidden = g @ weight,  d_weight = g^T @ hidden,  d_bias = sum_n g (float32; None without bias)
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused_cross_entropy(cfg: Config, hidden, weight, bias, labels, valid):
-  """Per-token ``(loss, lse)`` of ``hidden[N, D] @ weight[V, D]^T + bias``; 0 where invalid."""
-  return _loss_and_lse(cfg, hidden, weight, bias, labels, valid)[0]
-
-
-def _fused_fwd(cfg, hidden, weight, bias, labels, valid):
-  outputs, lse = _loss_and_lse(cfg, hidden, weight, bias, labels, valid)
-  return outputs, (hidden, weight, bias, labels, valid, lse)
-
-
-def _fused_bwd(cfg: Config, residuals, cotangents):
-  hidden, weight, bias, labels, valid, lse = residuals
-  d_loss, d_lse = cotangents
-  options = cfg.options
-  rows = _Tiles.over(hidden.shape[0], cfg.block_tokens)
-  cols = _Tiles.over(weight.shape[0], cfg.block_vocab)
-  on, off, _ = options.target_weights(weight.shape[0])
-  # dL/dz = p_scale * softmax(z) - d_loss * (on * onehot(y) + off), zero on invalid rows.
-  lse_scale = 1.0 + 2.0 * options.z_loss * lse
-  d_loss = jnp.where(valid, d_loss, 0.0)
-  p_scale = d_loss * lse_scale + jnp.where(valid, d_lse, 0.0)
+  With ``filter_eps``, a tile whose every ``|(1 + 2 z_loss lse) softmax - target|`` is
+  below it is skipped (Cut Cross-Entropy's gradient filtering).
+  """
+  rows = _Tiles.over(hidden.shape[0], block_tokens or DEFAULT_BLOCK_TOKENS)
+  cols = _Tiles.over(weight.shape[0], block_vocab or DEFAULT_BLOCK_VOCAB)
+  lse_scale = 1.0 + 2.0 * z_loss * lse
   dtype = jnp.promote_types(hidden.dtype, weight.dtype)
-  vary = lambda tree: _varying_like(tree, hidden, weight, bias, labels, valid, d_loss, d_lse)
+  vary = lambda tree: _varying_like(tree, hidden, weight, bias, labels, valid, d_loss, p_scale)
 
   def vocab_tile(j, grads):
     d_hidden, d_weight, d_bias = grads
@@ -177,28 +163,26 @@ def _fused_bwd(cfg: Config, residuals, cotangents):
       r0 = rows.start(i)
       h, y, lse_i = rows.take(hidden, i), rows.take(labels, i), rows.take(lse, i)
       keep = (rows.fresh(i, r0) & rows.take(valid, i))[:, None] & fresh_cols
-      z = _tile_logits(cfg, h, w, b)
+      z = _tile_logits(h, w, b, softcap)
       probs = jnp.exp(z - lse_i[:, None])
       target = (col_ids == y[:, None]) * on + off
 
       def tile_grads():
         g = rows.take(p_scale, i)[:, None] * probs - rows.take(d_loss, i)[:, None] * target
-        if options.softcap is not None:
-          g = g * options.cap_derivative(z)
-        g = jnp.where(keep, g, 0.0)
+        g = jnp.where(keep, g * _ce.cap_derivative(z, softcap), 0.0)
         g_in = g.astype(dtype)
         return (jnp.dot(g_in, w.astype(dtype), preferred_element_type=jnp.float32),
                 lax.dot_general(g_in, h.astype(dtype), (((0,), (0,)), ((), ())),
                                 preferred_element_type=jnp.float32),
                 jnp.sum(g, axis=0))
 
-      if cfg.filter_eps is None:
+      if filter_eps is None:
         dh, dw_tile, db_tile = tile_grads()
       else:
         # Cut Cross-Entropy's gradient filtering: skip a tile whose every entry of
         # dloss/dz (before the upstream cotangent) is below filter_eps.
         unscaled = jnp.where(keep, rows.take(lse_scale, i)[:, None] * probs - target, 0.0)
-        skip = jnp.max(jnp.abs(unscaled)) < cfg.filter_eps
+        skip = jnp.max(jnp.abs(unscaled)) < filter_eps
         dh, dw_tile, db_tile = lax.cond(
             skip, lambda: vary((jnp.zeros((rows.block, h.shape[1]), jnp.float32),
                                 jnp.zeros((cols.block, h.shape[1]), jnp.float32),
@@ -219,8 +203,6 @@ def _fused_bwd(cfg: Config, residuals, cotangents):
   init = vary((jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(weight.shape, weight.dtype),
                jnp.zeros((weight.shape[0],), jnp.float32)))
   d_hidden, d_weight, d_bias = lax.fori_loop(0, cols.count, vocab_tile, init)
-  d_bias = None if bias is None else d_bias.astype(bias.dtype)
-  return d_hidden.astype(hidden.dtype), d_weight, d_bias, None, None
+  return d_hidden.astype(hidden.dtype), d_weight, None if bias is None else d_bias
 
 
-fused_cross_entropy.defvjp(_fused_fwd, _fused_bwd)

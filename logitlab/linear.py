@@ -1,14 +1,22 @@
 """Cross-entropy fused with the output layer: ``loss(hidden @ weight.T + bias, labels)``.
 
 The public entry point validates arguments, applies masks and ``shift``, and
-dispatches to an implementation. Implementations (``impl``):
+runs one ``jax.custom_vjp`` whose forward and backward come from a backend, all
+with one contract (per-token ``lse`` / label logit / logit sum forward; ``g = dL/dz``
+recomputed tile by tile backward; see :mod:`logitlab._linear_xla`):
 
-* ``"xla"``: :mod:`logitlab._linear_xla`, a streaming ``jax.custom_vjp`` in plain
-  JAX that runs on every backend and never builds the ``[N, V]`` logits.
-* ``"auto"``: the best implementation for the platform; today always ``"xla"``.
+* ``"xla"``: :mod:`logitlab._linear_xla`, streaming plain JAX, runs on every platform.
+* ``"pallas_tpu"``: ``pallas_kernels.linear_cross_entropy.tpu`` (Mosaic TPU).
+* ``"pallas_gpu"``: ``pallas_kernels.linear_cross_entropy.gpu`` (Triton; Ampere or newer).
+* ``"pallas"``: the Pallas kernel of the platform; ``"auto"``: that kernel where it
+  applies (TPU; CUDA GPU of compute capability >= 8.0), else ``"xla"``.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +26,96 @@ from logitlab import _linear_xla
 from logitlab import _validation as v
 from logitlab import debug
 
-IMPLEMENTATIONS = ("auto", "xla")
-DEFAULT_BLOCK_TOKENS = 1024
-DEFAULT_BLOCK_VOCAB = 1024
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_tpu", "pallas_gpu")
+_KERNEL_MODULES = {"pallas_tpu": "pallas_kernels.linear_cross_entropy.tpu",
+                   "pallas_gpu": "pallas_kernels.linear_cross_entropy.gpu"}
+_KERNEL_PLATFORMS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+
+
+def _gpu_runs_triton() -> bool:
+  """Whether the default GPU is a CUDA device of compute capability >= 8.0 (Ampere+)."""
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  return capability is not None and float(capability) >= 8.0
+
+
+def _resolve_impl(fn: str, impl: str, interpret: bool, dtypes) -> str:
+  """Maps ``impl`` to ``"xla"``, ``"pallas_tpu"`` or ``"pallas_gpu"`` for this platform."""
+  platform = jax.default_backend()
+  kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu" if _gpu_runs_triton() else None}.get(platform)
+  if impl == "auto":
+    supported = kernel is not None and not (kernel == "pallas_tpu" and jnp.float16 in dtypes)
+    impl = kernel if supported else "xla"
+  elif impl == "pallas":
+    if kernel is None:
+      raise ValueError(f"{fn}: impl='pallas' has no kernel for platform {platform!r} "
+                       "(TPU, or a CUDA GPU of compute capability >= 8.0, is needed); on CPU "
+                       "pass impl='pallas_tpu' or 'pallas_gpu' with interpret=True.")
+    impl = kernel
+  if impl == "xla":
+    if interpret:
+      raise ValueError(f"{fn}: interpret=True applies to the Pallas implementations, not impl='xla'.")
+  elif _KERNEL_PLATFORMS[impl] != platform and not interpret:
+    raise ValueError(f"{fn}: impl={impl!r} needs a {_KERNEL_PLATFORMS[impl]} device, but the "
+                     f"platform is {platform!r}; pass interpret=True to run it in interpret mode.")
+  return impl
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static choices of one call: loss options, backend, tiles."""
+  options: _ce.Options
+  impl: str
+  block_tokens: int | None
+  block_vocab: int | None
+  filter_eps: float | None
+  interpret: bool
+
+  @property
+  def backend(self):
+    if self.impl == "xla":
+      return _linear_xla
+    return importlib.import_module(_KERNEL_MODULES[self.impl])
+
+  @property
+  def kernel_options(self) -> dict:
+    options = dict(block_tokens=self.block_tokens, block_vocab=self.block_vocab)
+    return options if self.impl == "xla" else dict(options, interpret=self.interpret)
+
+
+def _fused_fwd(plan: _Plan, hidden, weight, bias, labels, valid):
+  options = plan.options
+  lse, label_logit, logit_sum = plan.backend.forward(
+      hidden, weight, bias, labels, softcap=options.softcap,
+      with_logit_sum=options.needs_logit_sum, **plan.kernel_options)
+  loss = options.loss(lse, label_logit, logit_sum, weight.shape[0])
+  outputs = (jnp.where(valid, loss, 0.0), jnp.where(valid, lse, 0.0))
+  return outputs, (hidden, weight, bias, labels, valid, lse)
+
+
+def _fused_bwd(plan: _Plan, residuals, cotangents):
+  hidden, weight, bias, labels, valid, lse = residuals
+  d_loss, d_lse = cotangents
+  options = plan.options
+  with jax.ensure_compile_time_eval():  # V is static: the target weights are constants
+    on, off, _ = options.target_weights(weight.shape[0])
+  # dL/dz = p_scale * softmax(z) - d_loss * (on * onehot(y) + off) on valid rows.
+  d_loss = jnp.where(valid, d_loss, 0.0)
+  p_scale = d_loss * (1.0 + 2.0 * options.z_loss * lse) + jnp.where(valid, d_lse, 0.0)
+  d_hidden, d_weight, d_bias = plan.backend.backward(
+      hidden, weight, bias, labels, valid, lse, d_loss, p_scale, on=float(on), off=float(off),
+      z_loss=options.z_loss, softcap=options.softcap, filter_eps=plan.filter_eps,
+      **plan.kernel_options)
+  d_bias = None if bias is None else d_bias.astype(bias.dtype)
+  return d_hidden, d_weight, d_bias, None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_cross_entropy(plan: _Plan, hidden, weight, bias, labels, valid):
+  """Per-token ``(loss, lse)`` of ``hidden[N, D] @ weight[V, D]^T + bias``; 0 where invalid."""
+  return _fused_fwd(plan, hidden, weight, bias, labels, valid)[0]
+
+
+_fused_cross_entropy.defvjp(_fused_fwd, _fused_bwd)
 
 
 def _shift_left(x: jax.Array, shift: int, fill) -> jax.Array:
@@ -46,6 +141,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     filter_eps: float | None = None,
     impl: str = "auto",
+    interpret: bool = False,
     block_tokens: int | None = None,
     block_vocab: int | None = None,
 ):
@@ -81,9 +177,12 @@ def linear_cross_entropy(
     filter_eps: Cut Cross-Entropy's gradient filtering: in the backward, skip a
       tile whose every ``|dloss/dz|`` is below this (e.g. ``2**-12`` for bf16).
       Approximate; None (default) is exact.
-    impl: ``"auto"`` or ``"xla"`` (the streaming plain-JAX path).
-    block_tokens, block_vocab: tile sizes of the token and vocabulary loops
-      (defaults 1024 and 1024; clipped to N and V).
+    impl: ``"auto"`` (the platform's Pallas kernel where it applies, else
+      ``"xla"``), ``"xla"`` (streaming plain JAX, any platform), ``"pallas"`` (the
+      platform's kernel, or an error), ``"pallas_tpu"`` or ``"pallas_gpu"``.
+    interpret: run a Pallas kernel in interpret mode (any platform, e.g. CPU tests).
+    block_tokens, block_vocab: tile sizes (None: the backend's defaults, 1024 x 1024
+      for ``"xla"``, sized to VMEM / shared memory for the kernels).
 
   Returns:
     float32 losses of ``labels.shape``; with ``return_lse``, ``(loss, lse)``.
@@ -131,13 +230,16 @@ def linear_cross_entropy(
   if filter_eps is not None:
     filter_eps = v.static_number(fn, "filter_eps", filter_eps, minimum=0.0, min_open=True)
   v.choice(fn, "impl", impl, IMPLEMENTATIONS)
-  config = _linear_xla.Config(
+  if not isinstance(interpret, bool):
+    raise TypeError(f"{fn}: `interpret` must be a bool, got {interpret!r}.")
+  plan = _Plan(
       options=options,
-      block_tokens=v.static_int(fn, "block_tokens", DEFAULT_BLOCK_TOKENS if block_tokens is None
-                                else block_tokens, minimum=1),
-      block_vocab=v.static_int(fn, "block_vocab", DEFAULT_BLOCK_VOCAB if block_vocab is None
-                               else block_vocab, minimum=1),
-      filter_eps=filter_eps)
+      impl=_resolve_impl(fn, impl, interpret, {hidden.dtype, weight.dtype}),
+      block_tokens=None if block_tokens is None else v.static_int(
+          fn, "block_tokens", block_tokens, minimum=1),
+      block_vocab=None if block_vocab is None else v.static_int(
+          fn, "block_vocab", block_vocab, minimum=1),
+      filter_eps=filter_eps, interpret=interpret)
 
   valid = jnp.ones(labels.shape, bool) if where is None else v.bool_mask(fn, "where", where, labels.shape)
   valid = v.label_mask(fn, labels, valid, ignore_index)
@@ -149,8 +251,8 @@ def linear_cross_entropy(
   if labels.size == 0:
     loss = lse = jnp.zeros(labels.shape, jnp.float32)
   else:
-    loss, lse = _linear_xla.fused_cross_entropy(
-        config, hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-        labels.reshape(-1), valid.reshape(-1))
+    loss, lse = _fused_cross_entropy(
+        plan, hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+        labels.reshape(-1).astype(jnp.int32), valid.reshape(-1))
     loss, lse = loss.reshape(labels.shape), lse.reshape(labels.shape)
   return (loss, lse) if return_lse else loss

@@ -51,3 +51,13 @@ def test_linear_ce_bench_prints_time_table(capsys):
   matmul_ms, naive_ms, fused_ms, ratio = map(float, row.groups())
   assert matmul_ms > 0 and naive_ms > 0 and fused_ms > 0
   assert abs(ratio - fused_ms / naive_ms) <= 0.001 + 0.01 * ratio
+
+
+def test_linear_ce_bench_heads_table(capsys, monkeypatch):
+  monkeypatch.setattr(linear_ce_bench, "HEAD_SHAPES", {"tiny": (48, 16, 300)})
+  assert linear_ce_bench.main(["--skip-memory", "--skip-time", "--heads", "--repeats", "1",
+                               "--memory-dtype", "float32", "--block-vocab", "128"]) == 0
+  out = capsys.readouterr().out
+  rows = re.findall(r"tiny \|\s*(\w+) \|\s*([\d.]+) \|\s*([\d.]+) \|\s*([\d.]+ \w+)", out)
+  assert [r[0] for r in rows] == ["naive", "xla", "auto"], out
+  assert all(float(ms) > 0 for _, ms, _, _ in rows)
