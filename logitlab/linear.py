@@ -43,7 +43,7 @@ def _resolve_impl(fn: str, impl: str, interpret: bool, dtypes) -> str:
   platform = jax.default_backend()
   kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu" if _gpu_runs_triton() else None}.get(platform)
   if impl == "auto":
-    supported = kernel is not None and not (kernel == "pallas_tpu" and jnp.float16 in dtypes)
+    supported = kernel is not None and not (kernel == "pallas_tpu" and jnp.dtype("float16") in dtypes)
     impl = kernel if supported else "xla"
   elif impl == "pallas":
     if kernel is None:
