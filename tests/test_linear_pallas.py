@@ -5,6 +5,8 @@ file checks the wiring: options, masks, shift, lse and every gradient through th
 custom VJP, for each kernel backend.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,3 +69,28 @@ def test_kernel_matches_xla_bfloat16(impl):
     assert g.dtype == e.dtype
     e, g = np.asarray(e, np.float32), np.asarray(g, np.float32)
     np.testing.assert_allclose(g, e, rtol=1e-2, atol=1e-2 * np.abs(e).max())
+
+
+@pytest.mark.parametrize("impl, platform, custom_call", [
+    ("pallas_tpu", "tpu", "tpu_custom_call"),
+    ("pallas_gpu", "cuda", "__gpu$xla.gpu.triton"),
+])
+def test_value_and_grad_cross_lowers_for_the_kernel_platform(impl, platform, custom_call):
+  """jax.export of jit(value_and_grad) through the public API, bf16, every option, default blocks."""
+  n, v, d = 252, 507, 128
+
+  def loss(hidden, weight, bias, labels, where):
+    return logitlab.linear_cross_entropy(
+        hidden, weight, labels, bias=bias, where=where, shift=1, label_smoothing=0.1,
+        smoothing="t5x", z_loss=1e-4, softcap=30.0, filter_eps=2.0**-12, impl=impl).mean()
+
+  specs = (jax.ShapeDtypeStruct((2, n // 2, d), jnp.bfloat16),
+           jax.ShapeDtypeStruct((v, d), jnp.bfloat16), jax.ShapeDtypeStruct((v,), jnp.bfloat16),
+           jax.ShapeDtypeStruct((2, n // 2), jnp.int32), jax.ShapeDtypeStruct((2, n // 2), bool))
+  exported = jax.export.export(
+      jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), platforms=[platform],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*specs)
+  module = exported.mlir_module()
+  # One forward kernel and the backward's kernel(s) (two on TPU, at least one on GPU).
+  assert module.count(custom_call) >= 2
+  assert not re.search(rf"tensor<{n}x{v}x", module)
