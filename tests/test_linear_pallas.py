@@ -24,7 +24,7 @@ OPTIONS = [
 ]
 
 
-def inputs(dtype, b=2, t=80, d=40, v=301, seed=0):
+def inputs(dtype, b=2, t=126, d=123, v=507, seed=0):
   rng = np.random.default_rng(seed)
   hidden = jnp.asarray(rng.normal(size=(b, t, d)), dtype)
   weight = jnp.asarray(rng.normal(size=(v, d)) / np.sqrt(d), dtype)
@@ -50,10 +50,14 @@ def value_and_grads(impl, args, options):
   return loss, lse, grads
 
 
+SHAPES = {"ragged": dict(t=126, d=123, v=507), "tile_multiples": dict(t=128, d=128, v=512)}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("options", OPTIONS, ids=["plain", "all", "smooth_shift", "filter"])
 @pytest.mark.parametrize("impl", sorted(KERNEL_BLOCKS))
-def test_kernel_matches_xla_float32(impl, options):
-  args = inputs(jnp.float32)
+def test_kernel_matches_xla_float32(impl, options, shape):
+  args = inputs(jnp.float32, **SHAPES[shape])
   expected, got = value_and_grads("xla", args, options), value_and_grads(impl, args, options)
   for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     assert g.dtype == e.dtype
