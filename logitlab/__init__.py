@@ -3,6 +3,7 @@
 from logitlab.debug import debug_checks
 from logitlab.linear import linear_cross_entropy
 from logitlab.losses import cross_entropy, kl_divergence, softmax_cross_entropy
+from logitlab.vq import code_log_mass, vq_code_logits, vq_cross_entropy, vq_scatter
 
 __version__ = "0.1.0"
 
@@ -12,4 +13,8 @@ __all__ = [
     "kl_divergence",
     "linear_cross_entropy",
     "softmax_cross_entropy",
+    "code_log_mass",
+    "vq_code_logits",
+    "vq_cross_entropy",
+    "vq_scatter",
 ]
