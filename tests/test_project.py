@@ -37,7 +37,7 @@ def test_readme_python_examples_run(capsys):
 def test_public_api():
   assert sorted(logitlab.__all__) == sorted(
       ["cross_entropy", "softmax_cross_entropy", "kl_divergence", "linear_cross_entropy",
-       "debug_checks"])
+       "debug_checks", "code_log_mass", "vq_code_logits", "vq_cross_entropy", "vq_scatter"])
   for name in logitlab.__all__:
     assert getattr(logitlab, name).__doc__
 
