@@ -4,6 +4,9 @@ from logitlab.debug import debug_checks
 from logitlab.linear import linear_cross_entropy
 from logitlab.losses import cross_entropy, kl_divergence, softmax_cross_entropy
 from logitlab.vq import code_log_mass, vq_code_logits, vq_cross_entropy, vq_scatter
+from logitlab.vq_assignment import (codebook_from_assignment, contiguous_assignment,
+                                    kmeans_assignment, kmeans_plus_plus, random_assignment,
+                                    reassign)
 from logitlab.vq_ops import (TeacherCodeMass, vq_distillation_loss, vq_log_probs, vq_lse,
                              vq_segment_sum, vq_teacher_code_mass, vq_top_k)
 
@@ -26,4 +29,10 @@ __all__ = [
     "vq_segment_sum",
     "vq_teacher_code_mass",
     "vq_top_k",
+    "codebook_from_assignment",
+    "contiguous_assignment",
+    "kmeans_assignment",
+    "kmeans_plus_plus",
+    "random_assignment",
+    "reassign",
 ]

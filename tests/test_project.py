@@ -39,7 +39,8 @@ def test_public_api():
       ["cross_entropy", "softmax_cross_entropy", "kl_divergence", "linear_cross_entropy",
        "debug_checks", "code_log_mass", "vq_code_logits", "vq_cross_entropy", "vq_scatter",
        "TeacherCodeMass", "vq_distillation_loss", "vq_log_probs", "vq_lse", "vq_segment_sum",
-       "vq_teacher_code_mass", "vq_top_k"])
+       "vq_teacher_code_mass", "vq_top_k", "codebook_from_assignment", "contiguous_assignment",
+       "kmeans_assignment", "kmeans_plus_plus", "random_assignment", "reassign"])
   for name in logitlab.__all__:
     assert getattr(logitlab, name).__doc__
 
