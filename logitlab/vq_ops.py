@@ -54,7 +54,7 @@ __all__ = [
 DEFAULT_BLOCK_TOKENS = 512
 DEFAULT_BLOCK_VOCAB = 1024
 SEGMENT_METHODS = ("onehot", "scatter")
-IMPLS = ("xla", "pallas_tpu")
+IMPLS = ("xla", "pallas_tpu", "pallas_gpu")
 
 
 # --------------------------------------------------------------------------- segment sum
@@ -255,9 +255,10 @@ def vq_teacher_code_mass(
     segment: ``"onehot"`` (default; the per-tile segment sum as a ``[bv, K]`` one-hot
       matmul, accelerator friendly) or ``"scatter"`` (a scatter-add, no ``K``-wide
       temporary); ``impl="xla"`` only.
-    impl: ``"xla"`` (plain JAX, any platform) or ``"pallas_tpu"`` (the Mosaic kernel
+    impl: ``"xla"`` (plain JAX, any platform), ``"pallas_tpu"`` (the Mosaic kernel
       of ``pallas_kernels.vq.tpu``; its blocks must be multiples of (8, 128) unless
-      they cover the axis).
+      they cover the axis) or ``"pallas_gpu"`` (the Triton kernel of
+      ``pallas_kernels.vq.gpu``; its blocks must be powers of two >= 16).
     interpret: run the Pallas kernel in the interpreter (any platform, for tests).
 
   Returns:
@@ -289,9 +290,12 @@ def vq_teacher_code_mass(
   token_bias = _check_token_bias(fn, token_bias, vocab_size)
   batch_shape = teacher_hidden.shape[:-1]
   sg = lambda x: None if x is None else lax.stop_gradient(x)
-  if impl == "pallas_tpu":
-    from pallas_kernels.vq import tpu  # pylint: disable=g-import-not-at-top
-    out = TeacherCodeMass(*tpu.teacher_code_mass(
+  if impl in ("pallas_tpu", "pallas_gpu"):
+    if impl == "pallas_tpu":
+      from pallas_kernels.vq import tpu as kernels  # pylint: disable=g-import-not-at-top
+    else:
+      from pallas_kernels.vq import gpu as kernels  # pylint: disable=g-import-not-at-top
+    out = TeacherCodeMass(*kernels.teacher_code_mass(
         sg(teacher_hidden.reshape(-1, teacher_hidden.shape[-1])), sg(teacher_weight),
         sg(teacher_bias), assignment, sg(token_bias), num_codes=num_codes,
         temperature=temperature, block_tokens=block_tokens, block_vocab=block_vocab,
