@@ -7,6 +7,8 @@ from logitlab.vq import code_log_mass, vq_code_logits, vq_cross_entropy, vq_scat
 from logitlab.vq_assignment import (codebook_from_assignment, contiguous_assignment,
                                     kmeans_assignment, kmeans_plus_plus, random_assignment,
                                     reassign)
+from logitlab.vq_sampling import (VQSamplerTables, vq_log_probs_topk, vq_sample,
+                                  vq_sampler_tables, vq_sampling_probs)
 from logitlab.vq_ops import (TeacherCodeMass, vq_distillation_loss, vq_log_probs, vq_lse,
                              vq_segment_sum, vq_teacher_code_mass, vq_top_k)
 
@@ -35,4 +37,9 @@ __all__ = [
     "kmeans_plus_plus",
     "random_assignment",
     "reassign",
+    "VQSamplerTables",
+    "vq_log_probs_topk",
+    "vq_sample",
+    "vq_sampler_tables",
+    "vq_sampling_probs",
 ]

@@ -40,7 +40,9 @@ def test_public_api():
        "debug_checks", "code_log_mass", "vq_code_logits", "vq_cross_entropy", "vq_scatter",
        "TeacherCodeMass", "vq_distillation_loss", "vq_log_probs", "vq_lse", "vq_segment_sum",
        "vq_teacher_code_mass", "vq_top_k", "codebook_from_assignment", "contiguous_assignment",
-       "kmeans_assignment", "kmeans_plus_plus", "random_assignment", "reassign"])
+       "kmeans_assignment", "kmeans_plus_plus", "random_assignment", "reassign",
+       "VQSamplerTables", "vq_log_probs_topk", "vq_sample", "vq_sampler_tables",
+       "vq_sampling_probs"])
   for name in logitlab.__all__:
     assert getattr(logitlab, name).__doc__
 
