@@ -81,8 +81,11 @@ class Options:
     if self.smoothing == "uniform":
       return 1.0 - eps, eps / num_classes, 0.0
     eps = jnp.where(num_classes > 1, eps, 0.0)
-    off = eps / jnp.maximum(num_classes - 1, 1)
-    return 1.0 - eps - off, off, xlogy(1.0 - eps, 1.0 - eps) + xlogy(eps, off)
+    others = jnp.maximum(num_classes - 1, 1)
+    off = eps / others
+    # eps * log(eps / others) written so a tiny eps cannot underflow off to 0 (log 0).
+    neg_entropy = xlogy(1.0 - eps, 1.0 - eps) + xlogy(eps, eps) - eps * jnp.log(others)
+    return 1.0 - eps - off, off, neg_entropy
 
   def loss(self, lse, label_logit, logit_sum, num_classes) -> jax.Array:
     """Per-row loss from ``lse``, ``z_y`` and ``sum_c z_c`` (unused without smoothing)."""

@@ -593,3 +593,13 @@ def test_traced_hyperparameter_raises_under_jit(name):
 def test_traced_ignore_index_raises_under_jit():
   with pytest.raises(TypeError, match="`ignore_index`"):
     jax.jit(lambda x, i: ce(x, Y, ignore_index=i))(X, -100)
+
+
+@pytest.mark.parametrize("smoothing", ["uniform", "t5x"])
+def test_tiny_label_smoothing_equals_none(smoothing):
+  """eps at float32's smallest normal: eps/(C-1) would underflow; the loss must stay finite."""
+  logits = jnp.array([[0.1, 0.5, -0.2], [2.0, -1.0, 0.3]])
+  labels = jnp.array([1, 0])
+  tiny = logitlab.cross_entropy(logits, labels, label_smoothing=1.175494351e-38,
+                                smoothing=smoothing)
+  np.testing.assert_allclose(tiny, logitlab.cross_entropy(logits, labels), rtol=1e-6)
