@@ -19,6 +19,7 @@ from logitlab import vq_ops
 from pallas_kernels.vq import gpu, tpu
 
 N, D, V, K = 21, 16, 300, 9   # 21 = 2*8 + 5 tokens, 300 = 2*128 + 44 tokens: both ragged
+K_GPU, D_GPU = 40, 20   # 40 codes = 2*16 + 8 (ragged code chunks), 20 features = 16 + 4
 
 
 def make_case(seed=0, dtype=jnp.float32, n=N, v=V, d=D, k=K):
@@ -65,11 +66,16 @@ def test_tpu_kernel_rejects_unaligned_blocks():
                           block_vocab=100, interpret=True)
 
 
-def test_distillation_impl_pallas_tpu_matches_xla_values_and_grads():
-  c = make_case(4)
+@pytest.mark.parametrize("impl, shape, blocks", [
+    ("pallas_tpu", {}, dict(block_tokens=8, block_vocab=128)),
+    ("pallas_gpu", dict(d=D_GPU, k=K_GPU), dict(block_tokens=16, block_vocab=128)),
+])
+def test_distillation_through_the_kernel_matches_xla_values_and_grads(impl, shape, blocks):
+  c = make_case(4, **shape)
+  num_codes = shape.get("k", K)
   rng = np.random.default_rng(5)
   sh = jnp.asarray(rng.normal(size=(N, 12)), jnp.float32)
-  cb = jnp.asarray(rng.normal(size=(K, 12)) / 3, jnp.float32)
+  cb = jnp.asarray(rng.normal(size=(num_codes, 12)) / 3, jnp.float32)
   where = jnp.asarray(np.arange(N) % 5 != 2)
 
   def loss(sh, cb, tb, **kw):
@@ -78,8 +84,8 @@ def test_distillation_impl_pallas_tpu_matches_xla_values_and_grads():
         teacher_bias=c["bias"], temperature=2.0, where=where, **kw))
 
   grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2))
-  val, grads = grad(functools.partial(loss, impl="pallas_tpu", interpret=True, block_tokens=8,
-                                      block_vocab=128))(sh, cb, c["token_bias"])
+  val, grads = grad(functools.partial(loss, impl=impl, interpret=True, **blocks))(
+      sh, cb, c["token_bias"])
   ref_val, ref_grads = grad(loss)(sh, cb, c["token_bias"])
   np.testing.assert_allclose(val, ref_val, rtol=1e-5)
   for g, r in zip(grads, ref_grads):
@@ -107,8 +113,6 @@ def test_tpu_kernel_cross_lowers_to_mosaic(dtype, with_bias):
 
 
 # --------------------------------------------------------------------------- GPU (Triton)
-
-K_GPU, D_GPU = 40, 20   # 40 codes = 2*16 + 8 (ragged code chunks), 20 features = 16 + 4
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -150,27 +154,6 @@ def test_gpu_kernel_rejects_non_power_of_two_blocks():
     with pytest.raises(ValueError, match=name):
       gpu.teacher_code_mass(c["hidden"], c["weight"], None, c["assignment"], None, num_codes=K,
                             interpret=True, **{name: 24})
-
-
-def test_distillation_impl_pallas_gpu_matches_xla_values_and_grads():
-  c = make_case(9, d=D_GPU, k=K_GPU)
-  rng = np.random.default_rng(10)
-  sh = jnp.asarray(rng.normal(size=(N, 12)), jnp.float32)
-  cb = jnp.asarray(rng.normal(size=(K_GPU, 12)) / 3, jnp.float32)
-  where = jnp.asarray(np.arange(N) % 5 != 2)
-
-  def loss(sh, cb, tb, **kw):
-    return jnp.sum(vq_ops.vq_distillation_loss(
-        sh, cb, c["assignment"], c["hidden"], c["weight"], token_bias=tb,
-        teacher_bias=c["bias"], temperature=2.0, where=where, **kw))
-
-  grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2))
-  val, grads = grad(functools.partial(loss, impl="pallas_gpu", interpret=True, block_tokens=16,
-                                      block_vocab=128))(sh, cb, c["token_bias"])
-  ref_val, ref_grads = grad(loss)(sh, cb, c["token_bias"])
-  np.testing.assert_allclose(val, ref_val, rtol=1e-5)
-  for g, r in zip(grads, ref_grads):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype,with_bias", [(jnp.float32, True), (jnp.bfloat16, False),

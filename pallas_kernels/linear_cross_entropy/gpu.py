@@ -76,19 +76,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-SMEM_LIMIT_BYTES = {"H100/H200": 227 * 1024, "A100": 163 * 1024}
+from pallas_kernels._triton import (NUM_STAGES, NUM_WARPS, SMEM_LIMIT_BYTES, SUPPORTED_DTYPES,
+                                    default_block_d, load_chunk, load_rows, power_of_two_block)
+
 DEFAULT_BLOCK_TOKENS = 64
 DEFAULT_BLOCK_VOCAB = 128
-NUM_WARPS = 4
-NUM_STAGES = 3
 D_WEIGHT_BUFFER_BYTES = 64 * 2**20  # float32 d_weight of one backward slab
-_MIN_BLOCK = 16
-
-
-def default_block_d(dtype) -> int:
-  """Feature chunk: 64 for 16-bit operands, 32 for float32 (same SMEM bytes)."""
-  return 64 if jnp.dtype(dtype).itemsize <= 2 else 32
 
 
 def smem_bytes(kernel: str, block_tokens: int, block_vocab: int, block_d: int, dtype,
@@ -133,32 +126,11 @@ def _check_shapes(fn, hidden, weight, bias, labels, **per_token):
       raise ValueError(f"{fn}: {name} must have shape {hidden.shape[:1]}, got {x.shape}.")
 
 
-def _block(fn, name, requested, default, size):
-  """A power-of-two block >= 16, no larger than ``size`` needs."""
-  if requested is not None and (requested < _MIN_BLOCK or requested & (requested - 1)):
-    raise ValueError(f"{fn}: {name} must be a power of two >= {_MIN_BLOCK}, got {requested}.")
-  block = default if requested is None else requested
-  return min(block, max(_MIN_BLOCK, pl.next_power_of_2(size)))
-
-
 def _blocks(fn, n, v, d, dtype, block_tokens, block_vocab, block_d):
   """``(block_tokens, block_vocab, block_d)`` for the shapes (defaults where None)."""
-  return (_block(fn, "block_tokens", block_tokens, DEFAULT_BLOCK_TOKENS, n),
-          _block(fn, "block_vocab", block_vocab, DEFAULT_BLOCK_VOCAB, v),
-          _block(fn, "block_d", block_d, default_block_d(dtype), d))
-
-
-def _load_rows(ref, start, size, mask, other):
-  """``ref[start:start + size]`` of a 1-D ref; ``other`` where ``mask`` is False."""
-  return plgpu.load(ref.at[pl.ds(start, size)], mask=mask, other=other)
-
-
-def _load_chunk(ref, start, row_mask, d0, block_d):
-  """Rows ``start + arange(len(row_mask))``, features ``d0:d0 + block_d``; 0 outside."""
-  features = d0 + jnp.arange(block_d)
-  mask = row_mask[:, None] & (features < ref.shape[1])[None, :]
-  return plgpu.load(ref.at[pl.ds(start, row_mask.shape[0]), pl.ds(d0, block_d)],
-                    mask=mask, other=0.0)
+  return (power_of_two_block(fn, "block_tokens", block_tokens, DEFAULT_BLOCK_TOKENS, n),
+          power_of_two_block(fn, "block_vocab", block_vocab, DEFAULT_BLOCK_VOCAB, v),
+          power_of_two_block(fn, "block_d", block_d, default_block_d(dtype), d))
 
 
 def _logit_tile(hidden_ref, weight_ref, bias_ref, r0, rows, c0, cols, *, block_d, dtype,
@@ -170,14 +142,14 @@ def _logit_tile(hidden_ref, weight_ref, bias_ref, r0, rows, c0, cols, *, block_d
   """
 
   def chunk(k, acc):
-    h = _load_chunk(hidden_ref, r0, rows, k * block_d, block_d).astype(dtype)
-    w = _load_chunk(weight_ref, c0, cols, k * block_d, block_d).astype(dtype)
+    h = load_chunk(hidden_ref, r0, rows, k * block_d, block_d).astype(dtype)
+    w = load_chunk(weight_ref, c0, cols, k * block_d, block_d).astype(dtype)
     return acc + plgpu.dot(h, w, trans_b=True)
 
   z = lax.fori_loop(0, pl.cdiv(hidden_ref.shape[1], block_d), chunk,
                     jnp.zeros((rows.shape[0], cols.shape[0]), jnp.float32))
   if bias_ref is not None:
-    z = z + _load_rows(bias_ref, c0, cols.shape[0], cols, 0.0).astype(jnp.float32)[None, :]
+    z = z + load_rows(bias_ref, c0, cols, 0.0).astype(jnp.float32)[None, :]
   if softcap:
     z = softcap * jnp.tanh(z / softcap)
   return z
@@ -193,7 +165,7 @@ def _forward_kernel(*refs, has_bias, with_logit_sum, softcap, block_tokens, bloc
     bias_ref = None
   r0 = pl.program_id(0) * block_tokens
   rows = r0 + jnp.arange(block_tokens) < hidden_ref.shape[0]
-  labels = _load_rows(labels_ref, r0, block_tokens, rows, -1)
+  labels = load_rows(labels_ref, r0, rows, -1)
 
   def vocab_tile(j, carry):
     run_max, run_sum, label_logit, logit_sum = carry
@@ -281,11 +253,11 @@ def _backward_kernel(*refs, has_bias, vocab_offset, on, off, z_loss, softcap, fi
   in_range = r0 + jnp.arange(block_tokens) < hidden_ref.shape[0]
   # Invalid rows are treated as absent: their hidden states are never loaded,
   # so whatever they hold cannot turn into NaN.
-  rows = in_range & (_load_rows(valid_ref, r0, block_tokens, in_range, 0) != 0)
+  rows = in_range & (load_rows(valid_ref, r0, in_range, 0) != 0)
   col_ids = c0 + jnp.arange(block_vocab)
   cols = col_ids < weight_ref.shape[0]
-  labels = _load_rows(labels_ref, r0, block_tokens, rows, -1)
-  lse, d_loss, p_scale = (_load_rows(ref, r0, block_tokens, rows, 0.0)
+  labels = load_rows(labels_ref, r0, rows, -1)
+  lse, d_loss, p_scale = (load_rows(ref, r0, rows, 0.0)
                           for ref in (lse_ref, d_loss_ref, p_scale_ref))
 
   z = _logit_tile(hidden_ref, weight_ref, bias_ref, r0, rows, c0, cols,
@@ -304,8 +276,8 @@ def _backward_kernel(*refs, has_bias, vocab_offset, on, off, z_loss, softcap, fi
     @pl.loop(0, pl.cdiv(hidden_ref.shape[1], block_d))
     def _(k):
       d0 = k * block_d
-      w = _load_chunk(weight_ref, c0, cols, d0, block_d).astype(dtype)
-      h = _load_chunk(hidden_ref, r0, rows, d0, block_d).astype(dtype)
+      w = load_chunk(weight_ref, c0, cols, d0, block_d).astype(dtype)
+      h = load_chunk(hidden_ref, r0, rows, d0, block_d).astype(dtype)
       features = pl.ds(d0, block_d)
       plgpu.atomic_add(d_hidden_ref, (pl.ds(r0, block_tokens), features), plgpu.dot(g_in, w))
       plgpu.atomic_add(d_weight_ref, (pl.ds(local_c0, block_vocab), features),

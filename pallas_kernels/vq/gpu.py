@@ -67,22 +67,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._triton import (NUM_STAGES, NUM_WARPS, SMEM_LIMIT_BYTES, SUPPORTED_DTYPES,
+                                    default_block_d, load_chunk, load_rows, power_of_two_block)
+
 __all__ = ["DEFAULT_BLOCK_CODES", "DEFAULT_BLOCK_TOKENS", "DEFAULT_BLOCK_VOCAB",
            "SMEM_LIMIT_BYTES", "default_block_d", "smem_bytes", "teacher_code_mass"]
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-SMEM_LIMIT_BYTES = {"H100/H200": 227 * 1024, "A100": 163 * 1024}
 DEFAULT_BLOCK_TOKENS = 32
 DEFAULT_BLOCK_VOCAB = 128
 DEFAULT_BLOCK_CODES = 128
-NUM_WARPS = 4
-NUM_STAGES = 3
-_MIN_BLOCK = 16
-
-
-def default_block_d(dtype) -> int:
-  """Feature chunk: 64 for 16-bit operands, 32 for float32 (same shared-memory bytes)."""
-  return 64 if jnp.dtype(dtype).itemsize <= 2 else 32
 
 
 def smem_bytes(block_tokens: int, block_vocab: int, block_codes: int, block_d: int, dtype,
@@ -99,29 +92,6 @@ def smem_bytes(block_tokens: int, block_vocab: int, block_codes: int, block_d: i
   logits = block_tokens * block_vocab * 4
   one_hot_matmul = block_tokens * block_vocab * 2 + block_vocab * block_codes * 2
   return operands + logits + one_hot_matmul
-
-
-def _block(name, requested, default, size):
-  """A power-of-two block >= 16, no larger than ``size`` needs."""
-  if requested is not None and (not isinstance(requested, int) or requested < _MIN_BLOCK
-                                or requested & (requested - 1)):
-    raise ValueError(f"teacher_code_mass: {name} must be a power of two >= {_MIN_BLOCK}, "
-                     f"got {requested!r}.")
-  block = default if requested is None else requested
-  return min(block, max(_MIN_BLOCK, pl.next_power_of_2(size)))
-
-
-def _load_rows(ref, start, mask, other):
-  """``ref[start:start + len(mask)]`` of a 1-D ref; ``other`` where ``mask`` is False."""
-  return plgpu.load(ref.at[pl.ds(start, mask.shape[0])], mask=mask, other=other)
-
-
-def _load_chunk(ref, start, row_mask, d0, block_d):
-  """Rows ``start + arange(len(row_mask))``, features ``d0:d0 + block_d``; 0 outside."""
-  features = d0 + jnp.arange(block_d)
-  mask = row_mask[:, None] & (features < ref.shape[1])[None, :]
-  return plgpu.load(ref.at[pl.ds(start, row_mask.shape[0]), pl.ds(d0, block_d)],
-                    mask=mask, other=0.0)
 
 
 def _exact_one_hot_dot(e, onehot):
@@ -152,14 +122,14 @@ def _kernel(*refs, has_bias, has_token_bias, num_codes, inv_temp, block_tokens, 
     cols = c0 + jnp.arange(block_vocab) < v
 
     def feature_chunk(t, acc):
-      h = _load_chunk(hidden_ref, r0, rows, t * block_d, block_d).astype(dtype)
-      w = _load_chunk(weight_ref, c0, cols, t * block_d, block_d).astype(dtype)
+      h = load_chunk(hidden_ref, r0, rows, t * block_d, block_d).astype(dtype)
+      w = load_chunk(weight_ref, c0, cols, t * block_d, block_d).astype(dtype)
       return acc + plgpu.dot(h, w, trans_b=True)
 
     z = lax.fori_loop(0, pl.cdiv(d, block_d), feature_chunk,
                       jnp.zeros((block_tokens, block_vocab), jnp.float32))
     if bias_ref is not None:
-      z = z + _load_rows(bias_ref, c0, cols, 0.0).astype(jnp.float32)[None, :]
+      z = z + load_rows(bias_ref, c0, cols, 0.0).astype(jnp.float32)[None, :]
     u = z * inv_temp
     col_ok = cols[None, :]
     new_max = jnp.maximum(run_max, jnp.max(jnp.where(col_ok, u, -jnp.inf), axis=1))
@@ -171,10 +141,10 @@ def _kernel(*refs, has_bias, has_token_bias, num_codes, inv_temp, block_tokens, 
     c = scale * (c + shift) + jnp.sum(e * centred, axis=1)
     l = scale * l + jnp.sum(e, axis=1)
     if tb_ref is not None:
-      tb = _load_rows(tb_ref, c0, cols, 0.0).astype(jnp.float32)
+      tb = load_rows(tb_ref, c0, cols, 0.0).astype(jnp.float32)
       s = scale * s + jnp.sum(e * tb[None, :], axis=1)
     # onehot[v, k] = (m(v) == k0 + k); columns past V load code -1 (and have e = 0).
-    codes = _load_rows(codes_ref, c0, cols, -1)
+    codes = load_rows(codes_ref, c0, cols, -1)
     onehot = (codes[:, None] == code_ids[None, :]).astype(jnp.bfloat16)
     mass = scale[:, None] * mass + _exact_one_hot_dot(e, onehot)
     return new_max, l, c, s, mass
@@ -231,10 +201,11 @@ def teacher_code_mass(hidden, weight, bias, assignment, token_bias, *, num_codes
   if not isinstance(num_codes, int) or num_codes < 1:
     raise ValueError(f"{fn}: num_codes must be a positive int, got {num_codes!r}.")
   dtype = jnp.promote_types(hidden.dtype, weight.dtype)
-  bn = _block("block_tokens", block_tokens, DEFAULT_BLOCK_TOKENS, n)
-  bv = _block("block_vocab", block_vocab, DEFAULT_BLOCK_VOCAB, v)
-  bk = _block("block_codes", block_codes, DEFAULT_BLOCK_CODES, num_codes)
-  bd = _block("block_d", block_d, default_block_d(dtype), d)
+  block = functools.partial(power_of_two_block, "teacher_code_mass")
+  bn = block("block_tokens", block_tokens, DEFAULT_BLOCK_TOKENS, n)
+  bv = block("block_vocab", block_vocab, DEFAULT_BLOCK_VOCAB, v)
+  bk = block("block_codes", block_codes, DEFAULT_BLOCK_CODES, num_codes)
+  bd = block("block_d", block_d, default_block_d(dtype), d)
   operands = [hidden, weight, assignment.astype(jnp.int32)]
   operands += [x.astype(jnp.float32) for x in (bias, token_bias) if x is not None]
   kernel = functools.partial(
