@@ -36,6 +36,16 @@ def int_array(fn: str, name: str, x) -> jax.Array:
   return x
 
 
+def optional_vector(fn: str, name: str, x, size: int, match: str) -> jax.Array | None:
+  """None, or ``x`` checked to be a float ``[size]`` vector (``match`` names what sets ``size``)."""
+  if x is None:
+    return None
+  x = float_array(fn, name, x)
+  if x.shape != (size,):
+    raise ValueError(f"{fn}: `{name}` must have shape ({size},) to match {match}, got {x.shape}.")
+  return x
+
+
 def bool_mask(fn: str, name: str, x, shape: Sequence[int]) -> jax.Array:
   """Returns a boolean mask broadcast to ``shape``."""
   x = jnp.asarray(x)

@@ -213,11 +213,7 @@ def linear_cross_entropy(
   if labels.shape != hidden.shape[:-1]:
     raise ValueError(f"{fn}: `labels` of shape {labels.shape} must equal hidden.shape[:-1] = "
                      f"{hidden.shape[:-1]}.")
-  if bias is not None:
-    bias = v.float_array(fn, "bias", bias)
-    if bias.shape != (num_classes,):
-      raise ValueError(f"{fn}: `bias` must have shape ({num_classes},) to match weight shape "
-                       f"{weight.shape}, got {bias.shape}.")
+  bias = v.optional_vector(fn, "bias", bias, num_classes, f"weight shape {weight.shape}")
   options = _ce.Options.create(fn, label_smoothing=label_smoothing, smoothing=smoothing,
                                z_loss=z_loss, softcap=softcap)
   options.check_num_classes(fn, num_classes)

@@ -41,13 +41,7 @@ def _check_assignment(fn: str, assignment, num_codes: int | None = None) -> jax.
 
 
 def _check_token_bias(fn: str, token_bias, vocab_size: int):
-  if token_bias is None:
-    return None
-  token_bias = v.float_array(fn, "token_bias", token_bias)
-  if token_bias.shape != (vocab_size,):
-    raise ValueError(f"{fn}: `token_bias` must have shape ({vocab_size},) to match `assignment`, "
-                     f"got {token_bias.shape}.")
-  return token_bias
+  return v.optional_vector(fn, "token_bias", token_bias, vocab_size, "`assignment`")
 
 
 def code_log_mass(assignment: jax.Array, num_codes: int, token_bias: jax.Array | None = None,

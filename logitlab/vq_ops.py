@@ -206,11 +206,7 @@ def _check_teacher(fn, teacher_hidden, teacher_weight, teacher_bias, vocab_size,
   if batch_shape is not None and teacher_hidden.shape[:-1] != tuple(batch_shape):
     raise ValueError(f"{fn}: teacher_hidden.shape[:-1] = {teacher_hidden.shape[:-1]} must equal "
                      f"the student's batch shape {tuple(batch_shape)}.")
-  if teacher_bias is not None:
-    teacher_bias = v.float_array(fn, "teacher_bias", teacher_bias)
-    if teacher_bias.shape != (vocab_size,):
-      raise ValueError(f"{fn}: `teacher_bias` must have shape ({vocab_size},), got "
-                       f"{teacher_bias.shape}.")
+  teacher_bias = v.optional_vector(fn, "teacher_bias", teacher_bias, vocab_size, "`assignment`")
   return teacher_hidden, teacher_weight, teacher_bias
 
 
