@@ -22,74 +22,14 @@ References:
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from logitlab import _ce
+from logitlab import _tiling as tiling
 
 DEFAULT_BLOCK_TOKENS = 1024
 DEFAULT_BLOCK_VOCAB = 1024
-
-
-class _Tiles(NamedTuple):
-  """Tiles of ``block`` along an axis of ``size``; the last one ends at ``size``."""
-  size: int
-  block: int
-  count: int
-
-  @classmethod
-  def over(cls, size: int, block: int) -> "_Tiles":
-    block = min(block, size)
-    return cls(size, block, -(-size // block))
-
-  def start(self, i):
-    return jnp.minimum(i * self.block, self.size - self.block)
-
-  def fresh(self, i, start):
-    """Marks the positions of tile ``i`` that no earlier tile covered."""
-    return start + jnp.arange(self.block) >= i * self.block
-
-  def take(self, x, i):
-    """Tile ``i`` of ``x`` along axis 0 (None passes through)."""
-    if x is None:
-      return None
-    if not (jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4):
-      return lax.dynamic_slice_in_dim(x, self.start(i), self.block)
-    # XLA:CPU runs a dynamic slice of a 16-bit float array in float32 by converting
-    # the whole array, and hoists that conversion out of the loop: a float32 copy of
-    # all of `weight`. On CPU, a switch over static slices avoids it.
-    static_starts = [min(t * self.block, self.size - self.block) for t in range(self.count)]
-    return lax.platform_dependent(
-        x, i,
-        cpu=lambda x, i: lax.switch(i, [functools.partial(
-            lax.slice_in_dim, start_index=s, limit_index=s + self.block) for s in static_starts], x),
-        default=lambda x, i: lax.dynamic_slice_in_dim(x, self.start(i), self.block))
-
-
-def _varying_like(tree, *refs):
-  """Returns ``tree`` typed as varying over every mesh axis one of ``refs`` varies over.
-
-  Inside ``jax.shard_map`` (with ``check_vma``) a loop carry must keep its type,
-  but fresh zeros are invariant while what accumulates into them is not. Adding
-  an exact scalar zero derived from ``refs`` gives the carry their axes; outside
-  shard_map it is a no-op that XLA folds away.
-  """
-  zero = sum(jnp.zeros_like(r, jnp.float32, shape=()) for r in refs if r is not None)
-  return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
-
-
-def _tile_logits(h, w, b, softcap):
-  """``cap(h @ w^T + b)`` for one tile, float32 whatever the input dtype."""
-  dtype = jnp.promote_types(h.dtype, w.dtype)
-  z = lax.dot_general(h.astype(dtype), w.astype(dtype), (((1,), (1,)), ((), ())),
-                      preferred_element_type=jnp.float32)
-  if b is not None:
-    z = z + b.astype(jnp.float32)
-  return _ce.cap(z, softcap)
 
 
 def forward(hidden, weight, bias, labels, *, softcap, with_logit_sum,
@@ -99,8 +39,8 @@ def forward(hidden, weight, bias, labels, *, softcap, with_logit_sum,
   ``logit_sum`` is zeros unless ``with_logit_sum``. Shapes: hidden [N, D], weight
   [V, D], bias [V] or None, labels [N].
   """
-  rows = _Tiles.over(hidden.shape[0], block_tokens or DEFAULT_BLOCK_TOKENS)
-  cols = _Tiles.over(weight.shape[0], block_vocab or DEFAULT_BLOCK_VOCAB)
+  rows = tiling.Tiles.over(hidden.shape[0], block_tokens or DEFAULT_BLOCK_TOKENS)
+  cols = tiling.Tiles.over(weight.shape[0], block_vocab or DEFAULT_BLOCK_VOCAB)
 
   def token_tile(i, outputs):
     r0 = rows.start(i)
@@ -110,7 +50,7 @@ def forward(hidden, weight, bias, labels, *, softcap, with_logit_sum,
       run_max, run_sum, label_logit, logit_sum = stats
       c0 = cols.start(j)
       fresh = cols.fresh(j, c0)
-      z = _tile_logits(h, cols.take(weight, j), cols.take(bias, j), softcap)
+      z = tiling.tile_logits(h, cols.take(weight, j), cols.take(bias, j), softcap)
       z_fresh = jnp.where(fresh, z, -jnp.inf)
       new_max = jnp.maximum(run_max, jnp.max(z_fresh, axis=1))
       run_sum = (run_sum * jnp.exp(run_max - new_max)
@@ -122,7 +62,7 @@ def forward(hidden, weight, bias, labels, *, softcap, with_logit_sum,
       return new_max, run_sum, label_logit, logit_sum
 
     zeros = jnp.zeros((rows.block,), jnp.float32)
-    init = _varying_like((jnp.full((rows.block,), -jnp.inf), zeros, zeros, zeros),
+    init = tiling.varying_like((jnp.full((rows.block,), -jnp.inf), zeros, zeros, zeros),
                          hidden, weight, bias, labels)
     run_max, run_sum, label_logit, logit_sum = lax.fori_loop(0, cols.count, vocab_tile, init)
     tile_stats = (run_max + jnp.log(run_sum), label_logit, logit_sum)
@@ -130,7 +70,7 @@ def forward(hidden, weight, bias, labels, *, softcap, with_logit_sum,
                  for out, s in zip(outputs, tile_stats))
 
   n = hidden.shape[0]
-  init = _varying_like(tuple(jnp.zeros((n,), jnp.float32) for _ in range(3)),
+  init = tiling.varying_like(tuple(jnp.zeros((n,), jnp.float32) for _ in range(3)),
                        hidden, weight, bias, labels)
   return lax.fori_loop(0, rows.count, token_tile, init)
 
@@ -145,11 +85,11 @@ def backward(hidden, weight, bias, labels, valid, lse, d_loss, p_scale, *, on, o
   With ``filter_eps``, a tile whose every ``|(1 + 2 z_loss lse) softmax - target|`` is
   below it is skipped (Cut Cross-Entropy's gradient filtering).
   """
-  rows = _Tiles.over(hidden.shape[0], block_tokens or DEFAULT_BLOCK_TOKENS)
-  cols = _Tiles.over(weight.shape[0], block_vocab or DEFAULT_BLOCK_VOCAB)
+  rows = tiling.Tiles.over(hidden.shape[0], block_tokens or DEFAULT_BLOCK_TOKENS)
+  cols = tiling.Tiles.over(weight.shape[0], block_vocab or DEFAULT_BLOCK_VOCAB)
   lse_scale = 1.0 + 2.0 * z_loss * lse
   dtype = jnp.promote_types(hidden.dtype, weight.dtype)
-  vary = lambda tree: _varying_like(tree, hidden, weight, bias, labels, valid, d_loss, p_scale)
+  vary = lambda tree: tiling.varying_like(tree, hidden, weight, bias, labels, valid, d_loss, p_scale)
 
   def vocab_tile(j, grads):
     d_hidden, d_weight, d_bias = grads
@@ -163,7 +103,7 @@ def backward(hidden, weight, bias, labels, valid, lse, d_loss, p_scale, *, on, o
       r0 = rows.start(i)
       h, y, lse_i = rows.take(hidden, i), rows.take(labels, i), rows.take(lse, i)
       keep = (rows.fresh(i, r0) & rows.take(valid, i))[:, None] & fresh_cols
-      z = _tile_logits(h, w, b, softcap)
+      z = tiling.tile_logits(h, w, b, softcap)
       probs = jnp.exp(z - lse_i[:, None])
       target = (col_ids == y[:, None]) * on + off
 

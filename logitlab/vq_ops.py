@@ -38,7 +38,7 @@ from jax import lax
 
 from logitlab import _validation as v
 from logitlab import debug
-from logitlab._linear_xla import _Tiles, _tile_logits, _varying_like
+from logitlab import _tiling as tiling
 from logitlab.vq import _check_assignment, _check_token_bias, code_log_mass, vq_code_logits
 
 __all__ = [
@@ -136,8 +136,8 @@ def _stream_teacher(hidden, weight, bias, assignment, token_bias, *, num_codes, 
   gains ``(m - m') l``). Centring ``u`` on ``m`` keeps ``sum p log p = c / l - log l``
   free of the cancellation of ``E[u] - lse`` for peaked teachers.
   """
-  rows = _Tiles.over(hidden.shape[0], block_tokens or DEFAULT_BLOCK_TOKENS)
-  cols = _Tiles.over(weight.shape[0], block_vocab or DEFAULT_BLOCK_VOCAB)
+  rows = tiling.Tiles.over(hidden.shape[0], block_tokens or DEFAULT_BLOCK_TOKENS)
+  cols = tiling.Tiles.over(weight.shape[0], block_vocab or DEFAULT_BLOCK_VOCAB)
   with_bias = token_bias is not None
   refs = (hidden, weight, bias, token_bias)
 
@@ -149,7 +149,7 @@ def _stream_teacher(hidden, weight, bias, assignment, token_bias, *, num_codes, 
       run_max, l, mass, c, s = acc
       c0 = cols.start(j)
       fresh = cols.fresh(j, c0)
-      u = _tile_logits(h, cols.take(weight, j), cols.take(bias, j), None) * inv_temp
+      u = tiling.tile_logits(h, cols.take(weight, j), cols.take(bias, j), None) * inv_temp
       new_max = jnp.maximum(run_max, jnp.max(jnp.where(fresh, u, -jnp.inf), axis=1))
       scale = jnp.exp(run_max - new_max)
       centred = u - new_max[:, None]
@@ -166,7 +166,7 @@ def _stream_teacher(hidden, weight, bias, assignment, token_bias, *, num_codes, 
       return new_max, l, mass, c, s
 
     zeros = jnp.zeros((rows.block,), jnp.float32)
-    init = _varying_like((jnp.full((rows.block,), -jnp.inf), zeros,
+    init = tiling.varying_like((jnp.full((rows.block,), -jnp.inf), zeros,
                           jnp.zeros((rows.block, num_codes), jnp.float32), zeros, zeros), *refs)
     run_max, l, mass, c, s = lax.fori_loop(0, cols.count, vocab_tile, init)
     tile_stats = (mass / l[:, None], run_max + jnp.log(l), c / l - jnp.log(l), s / l)
@@ -174,7 +174,7 @@ def _stream_teacher(hidden, weight, bias, assignment, token_bias, *, num_codes, 
                  for out, t in zip(outputs, tile_stats))
 
   n = hidden.shape[0]
-  init = _varying_like((jnp.zeros((n, num_codes), jnp.float32), jnp.zeros((n,), jnp.float32),
+  init = tiling.varying_like((jnp.zeros((n, num_codes), jnp.float32), jnp.zeros((n,), jnp.float32),
                         jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32)), *refs)
   mass, lse, neg_entropy, bias_mean = lax.fori_loop(0, rows.count, token_tile, init)
   return TeacherCodeMass(mass, lse, neg_entropy, bias_mean if with_bias else None)
@@ -438,8 +438,8 @@ def _stream_token_mass(hidden, weight, bias, lse, weights, *, inv_temp, block_to
   recomputed from the saved ``lse`` and their weighted column sums added into the
   ``[V]`` output (the clamped last vocabulary tile adds only its fresh columns).
   """
-  rows = _Tiles.over(hidden.shape[0], block_tokens or DEFAULT_BLOCK_TOKENS)
-  cols = _Tiles.over(weight.shape[0], block_vocab or DEFAULT_BLOCK_VOCAB)
+  rows = tiling.Tiles.over(hidden.shape[0], block_tokens or DEFAULT_BLOCK_TOKENS)
+  cols = tiling.Tiles.over(weight.shape[0], block_vocab or DEFAULT_BLOCK_VOCAB)
 
   def token_tile(i, out):
     h, lse_i = rows.take(hidden, i), rows.take(lse, i)
@@ -448,7 +448,7 @@ def _stream_token_mass(hidden, weight, bias, lse, weights, *, inv_temp, block_to
 
     def vocab_tile(j, out):
       c0 = cols.start(j)
-      u = _tile_logits(h, cols.take(weight, j), cols.take(bias, j), None) * inv_temp
+      u = tiling.tile_logits(h, cols.take(weight, j), cols.take(bias, j), None) * inv_temp
       p = jnp.exp(u - lse_i[:, None])
       col_sum = jnp.dot(w_i, p, precision=lax.Precision.HIGHEST)
       col_sum = jnp.where(cols.fresh(j, c0), col_sum, 0.0)
@@ -456,7 +456,7 @@ def _stream_token_mass(hidden, weight, bias, lse, weights, *, inv_temp, block_to
 
     return lax.fori_loop(0, cols.count, vocab_tile, out)
 
-  init = _varying_like(jnp.zeros((weight.shape[0],), jnp.float32), hidden, weight, bias, lse,
+  init = tiling.varying_like(jnp.zeros((weight.shape[0],), jnp.float32), hidden, weight, bias, lse,
                        weights)
   return lax.fori_loop(0, rows.count, token_tile, init)
 
@@ -604,7 +604,7 @@ def vq_top_k(code_logits: jax.typing.ArrayLike, assignment: jax.typing.ArrayLike
   batch_shape = code_logits.shape[:-1]
   z = code_logits.astype(jnp.float32).reshape(-1, code_logits.shape[-1])
   # Tiles of at least k tokens: the first (never shifted) tile fills the running top-k.
-  cols = _Tiles.over(vocab_size, max(block_vocab or DEFAULT_BLOCK_VOCAB, k))
+  cols = tiling.Tiles.over(vocab_size, max(block_vocab or DEFAULT_BLOCK_VOCAB, k))
 
   def tile_logits(j):
     c0 = cols.start(j)
