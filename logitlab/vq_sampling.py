@@ -65,7 +65,6 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,28 +114,10 @@ class VQSamplerTables:
     return self.offsets.shape[0] - 1
 
 
-class _Arrays(NamedTuple):
-  """The tables' arrays without the static fields: compiled programs do not depend on
-  the tables' temperature or on whether they hold a bias, only on shapes."""
-
-  tokens: jax.Array
-  sorted_bias: jax.Array
-  offsets: jax.Array
-  cum_mass: jax.Array
-  code_max: jax.Array
-
-  @property
-  def vocab_size(self) -> int:
-    return self.tokens.shape[0]
-
-  @property
-  def num_codes(self) -> int:
-    return self.offsets.shape[0] - 1
-
-
-def _arrays(tables: VQSamplerTables) -> _Arrays:
-  return _Arrays(tables.tokens, tables.sorted_bias, tables.offsets, tables.cum_mass,
-                 tables.code_max)
+def _arrays(tables: VQSamplerTables) -> VQSamplerTables:
+  """The tables with fixed static fields: one compiled program then serves every
+  temperature and bias flag (the temperature reaches it as a traced value)."""
+  return dataclasses.replace(tables, temperature=1.0, has_bias=False)
 
 
 def _is_traced(x) -> bool:
@@ -302,7 +283,7 @@ def _first_false(holds: Callable[[jax.Array], jax.Array], lo: jax.Array,
   return jax.lax.while_loop(lambda bounds: jnp.any(bounds[0] < bounds[1]), step, (lo, hi))[0]
 
 
-def _prefix_mass(tables: _Arrays, n: jax.Array) -> jax.Array:
+def _prefix_mass(tables: VQSamplerTables, n: jax.Array) -> jax.Array:
   """``S_k(n_k) / exp(code_max[k])``: mass of the first ``n_k`` tokens of each code."""
   last = jnp.clip(tables.offsets[:-1] + n - 1, 0, tables.vocab_size - 1)
   return jnp.where(n > 0, tables.cum_mass[last], 0.0)
@@ -311,7 +292,7 @@ def _prefix_mass(tables: _Arrays, n: jax.Array) -> jax.Array:
 class _Row:
   """Quantities of one row of code logits ``z[K]`` shared by the samplers."""
 
-  def __init__(self, z: jax.Array, tables: _Arrays, temperature: float):
+  def __init__(self, z: jax.Array, tables: VQSamplerTables, temperature: float):
     self.z, self.tables, self.temperature = z, tables, temperature
     # The kept set is piecewise constant in z: the searches see z without a gradient,
     # the outputs (log-probabilities, masses) keep theirs.
