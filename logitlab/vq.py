@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from logitlab import _ce
+from logitlab import _vq_kernels
 from logitlab import _validation as v
 from logitlab import debug
 
@@ -81,11 +82,25 @@ def vq_code_logits(hidden: jax.typing.ArrayLike, codebook: jax.typing.ArrayLike)
 
 
 def vq_scatter(code_logits: jax.typing.ArrayLike, assignment: jax.typing.ArrayLike,
-               token_bias: jax.typing.ArrayLike | None = None) -> jax.Array:
+               token_bias: jax.typing.ArrayLike | None = None, *, impl: str = "xla",
+               interpret: bool = False) -> jax.Array:
   """Full-vocabulary logits ``z[..., m(v)] + b_v`` from code logits ``[..., K]`` -> ``[..., V]``.
 
   This materializes ``[..., V]``: use it for inspection and small vocabularies;
-  :func:`vq_cross_entropy` never needs it.
+  :func:`vq_cross_entropy` never needs it. Differentiable in ``code_logits`` and
+  ``token_bias`` with every ``impl``.
+
+  Args:
+    code_logits: ``[..., K]`` code logits.
+    assignment: ``[V]`` integer code of each token, in ``[0, K)``.
+    token_bias: optional ``[V]`` per-token bias.
+    impl: ``"xla"`` (a gather), ``"pallas_tpu"`` or ``"pallas_gpu"`` (the
+      ``scatter_logits`` kernels of ``pallas_kernels.vq``: vocabulary tiles written
+      straight from the code logits; the bias is added in float32).
+    interpret: run the Pallas kernel in the interpreter (any platform, for tests).
+
+  Returns:
+    ``[..., V]`` logits in the dtype of ``code_logits``.
 
   Example:
     >>> import jax.numpy as jnp, logitlab
@@ -93,11 +108,15 @@ def vq_scatter(code_logits: jax.typing.ArrayLike, assignment: jax.typing.ArrayLi
     [2.0, 1.0, 2.0]
   """
   fn = "vq_scatter"
+  impl = _vq_kernels.check_impl(fn, impl, interpret)
   code_logits = v.float_array(fn, "code_logits", code_logits)
   if code_logits.ndim < 1:
     raise ValueError(f"{fn}: `code_logits` must be [..., K], got a scalar.")
   assignment = _check_assignment(fn, assignment, code_logits.shape[-1])
   token_bias = _check_token_bias(fn, token_bias, assignment.shape[0])
+  if impl != "xla" and code_logits.size:
+    return _vq_kernels.scatter(impl, interpret, code_logits, assignment, token_bias, None,
+                               code_logits.dtype)
   logits = jnp.take(code_logits, assignment, axis=-1)
   return logits if token_bias is None else logits + token_bias.astype(logits.dtype)
 

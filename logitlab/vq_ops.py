@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from logitlab import _validation as v
+from logitlab import _vq_kernels
 from logitlab import debug
 from logitlab import _tiling as tiling
 from logitlab.vq import _check_assignment, _check_token_bias, code_log_mass, vq_code_logits
@@ -54,13 +55,12 @@ __all__ = [
 DEFAULT_BLOCK_TOKENS = 512
 DEFAULT_BLOCK_VOCAB = 1024
 SEGMENT_METHODS = ("onehot", "scatter")
-IMPLS = ("xla", "pallas_tpu", "pallas_gpu")
 
 
 # --------------------------------------------------------------------------- segment sum
 
 def vq_segment_sum(probs: jax.typing.ArrayLike, assignment: jax.typing.ArrayLike,
-                   num_codes: int) -> jax.Array:
+                   num_codes: int, *, impl: str = "xla", interpret: bool = False) -> jax.Array:
   r"""Per-code sums ``P[..., k] = sum_{v: m(v)=k} probs[..., v]``: ``[..., V] -> [..., K]``.
 
   Accumulated in float32 whatever the dtype of ``probs``; a code that holds no
@@ -70,6 +70,11 @@ def vq_segment_sum(probs: jax.typing.ArrayLike, assignment: jax.typing.ArrayLike
     probs: ``[..., V]`` float values, usually probabilities.
     assignment: ``[V]`` integer code of each vocabulary token, in ``[0, num_codes)``.
     num_codes: ``K``, a static Python int.
+    impl: ``"xla"`` (a scatter-add), ``"pallas_tpu"`` or ``"pallas_gpu"`` (the
+      ``segment_sum`` kernels of ``pallas_kernels.vq``: per vocabulary tile an exact
+      one-hot matmul into a float32 ``[rows, K]`` accumulator; their gradient is
+      the ``scatter_logits`` kernel).
+    interpret: run the Pallas kernel in the interpreter (any platform, for tests).
 
   Returns:
     float32 ``[..., K]``.
@@ -83,12 +88,15 @@ def vq_segment_sum(probs: jax.typing.ArrayLike, assignment: jax.typing.ArrayLike
     Shao et al., VQ-Logits, arXiv:2505.10202.
   """
   fn = "vq_segment_sum"
+  impl = _vq_kernels.check_impl(fn, impl, interpret)
   num_codes = v.static_int(fn, "num_codes", num_codes, minimum=1)
   probs = v.float_array(fn, "probs", probs)
   assignment = _check_assignment(fn, assignment, num_codes)
   if probs.ndim < 1 or probs.shape[-1] != assignment.shape[0]:
     raise ValueError(f"{fn}: `probs` must be [..., V] with V = len(assignment) = "
                      f"{assignment.shape[0]}, got shape {probs.shape}.")
+  if impl != "xla" and probs.size:
+    return _vq_kernels.segment_sum(impl, interpret, probs, assignment, num_codes)
   out = jnp.zeros(probs.shape[:-1] + (num_codes,), jnp.float32)
   return out.at[..., assignment].add(probs.astype(jnp.float32))
 
@@ -180,13 +188,6 @@ def _stream_teacher(hidden, weight, bias, assignment, token_bias, *, num_codes, 
   return TeacherCodeMass(mass, lse, neg_entropy, bias_mean if with_bias else None)
 
 
-def _check_impl(fn, impl, interpret):
-  v.choice(fn, "impl", impl, IMPLS)
-  if impl == "xla" and interpret:
-    raise ValueError(f"{fn}: interpret=True applies to the Pallas implementations, not "
-                     "impl='xla'.")
-
-
 def _check_blocks(fn, block_tokens, block_vocab):
   for name, value in (("block_tokens", block_tokens), ("block_vocab", block_vocab)):
     if value is not None:
@@ -274,7 +275,7 @@ def vq_teacher_code_mass(
     Shao et al., VQ-Logits, arXiv:2505.10202.
   """
   fn = "vq_teacher_code_mass"
-  _check_impl(fn, impl, interpret)
+  _vq_kernels.check_impl(fn, impl, interpret)
   _check_blocks(fn, block_tokens, block_vocab)
   v.choice(fn, "segment", segment, SEGMENT_METHODS)
   num_codes = v.static_int(fn, "num_codes", num_codes, minimum=1)
@@ -287,11 +288,7 @@ def vq_teacher_code_mass(
   batch_shape = teacher_hidden.shape[:-1]
   sg = lambda x: None if x is None else lax.stop_gradient(x)
   if impl in ("pallas_tpu", "pallas_gpu"):
-    if impl == "pallas_tpu":
-      from pallas_kernels.vq import tpu as kernels  # pylint: disable=g-import-not-at-top
-    else:
-      from pallas_kernels.vq import gpu as kernels  # pylint: disable=g-import-not-at-top
-    out = TeacherCodeMass(*kernels.teacher_code_mass(
+    out = TeacherCodeMass(*_vq_kernels.kernels(impl).teacher_code_mass(
         sg(teacher_hidden.reshape(-1, teacher_hidden.shape[-1])), sg(teacher_weight),
         sg(teacher_bias), assignment, sg(token_bias), num_codes=num_codes,
         temperature=temperature, block_tokens=block_tokens, block_vocab=block_vocab,
@@ -383,7 +380,7 @@ def vq_distillation_loss(
     Hinton et al., Distilling the Knowledge in a Neural Network, arXiv:1503.02531.
   """
   fn = "vq_distillation_loss"
-  _check_impl(fn, impl, interpret)
+  _vq_kernels.check_impl(fn, impl, interpret)
   _check_blocks(fn, block_tokens, block_vocab)
   v.choice(fn, "segment", segment, SEGMENT_METHODS)
   temperature = v.static_number(fn, "temperature", temperature, minimum=0.0, min_open=True)
@@ -519,7 +516,10 @@ def vq_lse(code_logits: jax.typing.ArrayLike, assignment: jax.typing.ArrayLike,
   r"""``logsumexp_v (z_{m(v)} + b_v) = logsumexp_k (z_k + B_k)``: ``[..., K] -> [...]``, float32.
 
   ``B_k`` is :func:`logitlab.code_log_mass` (``log n_k`` without a bias, ``-inf``
-  for an empty code): ``O(K + V)``, no ``[..., V]`` tensor.
+  for an empty code): ``O(K + V)``, no ``[..., V]`` tensor. There is deliberately
+  no Pallas kernel for it: a stream over vocabulary tiles costs ``O(N V)`` where
+  this identity costs ``O(N K + V)``; :func:`vq_log_probs` and the kernels'
+  callers take their normalizer from here.
 
   Example:
     >>> import jax.numpy as jnp, logitlab
@@ -536,11 +536,22 @@ def vq_lse(code_logits: jax.typing.ArrayLike, assignment: jax.typing.ArrayLike,
 
 
 def vq_log_probs(code_logits: jax.typing.ArrayLike, assignment: jax.typing.ArrayLike,
-                 token_bias: jax.typing.ArrayLike | None = None) -> jax.Array:
+                 token_bias: jax.typing.ArrayLike | None = None, *, impl: str = "xla",
+                 interpret: bool = False) -> jax.Array:
   r"""Full-vocabulary log-probabilities ``z_{m(v)} + b_v - lse``: ``[..., K] -> [..., V]``, float32.
 
   This materializes ``[..., V]`` because it is the output asked for; the
-  normalizer comes from :func:`vq_lse` in ``O(K + V)``.
+  normalizer comes from :func:`vq_lse` in ``O(N K + V)``. With a Pallas ``impl``
+  the ``scatter_logits`` kernel writes each vocabulary tile once, straight from
+  the code logits (no gathered ``[..., V]`` temporary before the subtraction).
+  Differentiable in ``code_logits`` and ``token_bias`` with every ``impl``.
+
+  Args:
+    code_logits: ``[..., K]`` code logits.
+    assignment: ``[V]`` integer code of each token, in ``[0, K)``.
+    token_bias: optional ``[V]`` per-token bias.
+    impl: ``"xla"``, ``"pallas_tpu"`` or ``"pallas_gpu"``.
+    interpret: run the Pallas kernel in the interpreter (any platform, for tests).
 
   Example:
     >>> import jax, jax.numpy as jnp, logitlab
@@ -551,10 +562,14 @@ def vq_log_probs(code_logits: jax.typing.ArrayLike, assignment: jax.typing.Array
   References:
     Shao et al., VQ-Logits, arXiv:2505.10202.
   """
-  code_logits, assignment, token_bias = _check_code_logits("vq_log_probs", code_logits,
-                                                           assignment, token_bias)
+  fn = "vq_log_probs"
+  impl = _vq_kernels.check_impl(fn, impl, interpret)
+  code_logits, assignment, token_bias = _check_code_logits(fn, code_logits, assignment,
+                                                           token_bias)
   z = code_logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(z + code_log_mass(assignment, z.shape[-1], token_bias), axis=-1)
+  if impl != "xla" and z.size:
+    return _vq_kernels.scatter(impl, interpret, z, assignment, token_bias, lse, jnp.float32)
   logits = jnp.take(z, assignment, axis=-1)
   if token_bias is not None:
     logits = logits + token_bias.astype(jnp.float32)
@@ -563,7 +578,8 @@ def vq_log_probs(code_logits: jax.typing.ArrayLike, assignment: jax.typing.Array
 
 def vq_top_k(code_logits: jax.typing.ArrayLike, assignment: jax.typing.ArrayLike,
              token_bias: jax.typing.ArrayLike | None = None, k: int = 1, *,
-             block_vocab: int | None = None) -> tuple[jax.Array, jax.Array]:
+             block_vocab: int | None = None, impl: str = "xla",
+             interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   r"""The ``k`` largest vocabulary logits ``z_{m(v)} + b_v`` and their token ids, streamed.
 
   Equal to ``jax.lax.top_k(vq_scatter(code_logits, assignment, token_bias), k)``
@@ -577,7 +593,14 @@ def vq_top_k(code_logits: jax.typing.ArrayLike, assignment: jax.typing.ArrayLike
     assignment: ``[V]`` integer code of each token.
     token_bias: optional ``[V]`` per-token bias.
     k: how many tokens, ``1 <= k <= V``.
-    block_vocab: vocabulary tile (default 1024; at least ``k``).
+    block_vocab: vocabulary tile (``impl="xla"``: default 1024, raised to ``k``;
+      a kernel's: its default, and its block rules apply).
+    impl: ``"xla"``, ``"pallas_tpu"`` or ``"pallas_gpu"`` (the ``scatter_top_k``
+      kernels of ``pallas_kernels.vq``: the same stream with the running top-k
+      on-chip, merged by selection rounds only for tiles that hold a new
+      candidate). The values are differentiable in ``code_logits`` and
+      ``token_bias`` with every ``impl`` (the kernels' ids are gathered again).
+    interpret: run the Pallas kernel in the interpreter (any platform, for tests).
 
   Returns:
     ``(values, token_ids)``: float32 ``[..., k]`` in descending order and int32 ``[..., k]``.
@@ -593,6 +616,7 @@ def vq_top_k(code_logits: jax.typing.ArrayLike, assignment: jax.typing.ArrayLike
     Shao et al., VQ-Logits, arXiv:2505.10202.
   """
   fn = "vq_top_k"
+  impl = _vq_kernels.check_impl(fn, impl, interpret)
   code_logits, assignment, token_bias = _check_code_logits(fn, code_logits, assignment,
                                                            token_bias)
   vocab_size = assignment.shape[0]
@@ -602,6 +626,13 @@ def vq_top_k(code_logits: jax.typing.ArrayLike, assignment: jax.typing.ArrayLike
   if block_vocab is not None:
     v.static_int(fn, "block_vocab", block_vocab, minimum=1)
   batch_shape = code_logits.shape[:-1]
+  if impl != "xla" and code_logits.size:
+    ids = _vq_kernels.top_k_ids(impl, interpret, code_logits, assignment, token_bias, k,
+                                 block_vocab)
+    vals = jnp.take_along_axis(code_logits.astype(jnp.float32), assignment[ids], axis=-1)
+    if token_bias is not None:
+      vals = vals + token_bias.astype(jnp.float32)[ids]
+    return vals, ids
   z = code_logits.astype(jnp.float32).reshape(-1, code_logits.shape[-1])
   # Tiles of at least k tokens: the first (never shifted) tile fills the running top-k.
   cols = tiling.Tiles.over(vocab_size, max(block_vocab or DEFAULT_BLOCK_VOCAB, k))
