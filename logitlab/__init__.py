@@ -1,6 +1,8 @@
 """logitlab: pure JAX functions for logit heads, losses and distillation."""
 
+from logitlab import distill
 from logitlab.debug import debug_checks
+from logitlab.distill.linear import linear_distillation
 from logitlab.linear import linear_cross_entropy
 from logitlab.losses import cross_entropy, kl_divergence, softmax_cross_entropy
 from logitlab.vq import code_log_mass, vq_code_logits, vq_cross_entropy, vq_scatter
@@ -19,6 +21,8 @@ __all__ = [
     "debug_checks",
     "kl_divergence",
     "linear_cross_entropy",
+    "distill",
+    "linear_distillation",
     "softmax_cross_entropy",
     "code_log_mass",
     "vq_code_logits",

@@ -37,6 +37,7 @@ def test_readme_python_examples_run(capsys):
 def test_public_api():
   assert sorted(logitlab.__all__) == sorted(
       ["cross_entropy", "softmax_cross_entropy", "kl_divergence", "linear_cross_entropy",
+       "distill", "linear_distillation",
        "debug_checks", "code_log_mass", "vq_code_logits", "vq_cross_entropy", "vq_scatter",
        "TeacherCodeMass", "vq_distillation_loss", "vq_log_probs", "vq_lse", "vq_segment_sum",
        "vq_teacher_code_mass", "vq_top_k", "codebook_from_assignment", "contiguous_assignment",
@@ -75,3 +76,21 @@ def test_vq_bench_prints_parameter_and_time_tables(capsys):
   assert re.search(r"V=500, K=10, D=16 \|\s+8,000 \|\s+160 \|\s+98.00%", out), out
   rows = re.findall(r"V=300, K=3, D=8" + r" \|\s*([\d.]+)" * 5, out)
   assert len(rows) == 1 and all(float(x) >= 0 for x in rows[0])
+
+
+def test_distill_bench_prints_memory_and_time_tables(capsys):
+  from experiments import distill_bench
+  assert distill_bench.main(["--n", "64", "--ds", "16", "--dt", "24", "--v", "300",
+                             "--repeats", "2", "--memory-shape", "48,16,24,300",
+                             "--memory-dtype", "float32", "--divergences", "kl,jsd",
+                             "--block-tokens", "32", "--block-vocab", "64"]) == 0
+  out = capsys.readouterr().out
+  memory = re.findall(r"(\w+) \| N=48, D_s=16, D_t=24, V=300, float32 \|\s*([\d.]+) (\w+) \|"
+                      r"\s*([\d.]+) (\w+) \|\s*([\d.]+)", out)
+  assert [row[0] for row in memory] == ["kl", "jsd"], out
+  times = re.findall(r"(\w+) \| N=64, D_s=16, D_t=24, V=300, float32" + r" \|\s*([\d.]+)" * 3, out)
+  assert [row[0] for row in times] == ["kl", "jsd"], out
+  for _, naive_ms, fused_ms, ratio in times:
+    naive_ms, fused_ms, ratio = float(naive_ms), float(fused_ms), float(ratio)
+    assert naive_ms > 0 and fused_ms > 0
+    assert abs(ratio - fused_ms / naive_ms) <= 0.001 + 0.01 * ratio
