@@ -252,6 +252,15 @@ def _codes_row(fn: str, assignment):
   return assignment.astype(jnp.int32).reshape(1, -1)
 
 
+def _code_logits_and_codes(fn: str, code_logits, assignment):
+  """Validated code logits ``[N, K]`` (``K >= 1``) and the int32 code row ``[1, V]``."""
+  code_logits = _float_operand(fn, "code_logits", code_logits, 2)
+  if code_logits.shape[1] < 1:
+    raise ValueError(f"{fn}: code_logits must hold at least one code, got shape "
+                     f"{code_logits.shape}.")
+  return code_logits, _codes_row(fn, assignment)
+
+
 def _vector_row(fn: str, name: str, x, size: int, of: str):
   """An optional float ``[size]`` operand as float32 ``[1, size]`` (or None)."""
   if x is None:
@@ -361,12 +370,8 @@ def scatter_logits(code_logits, assignment, token_bias, shift, *, out_dtype=None
     ``[N, V]`` in ``out_dtype``.
   """
   fn = "scatter_logits"
-  code_logits = _float_operand(fn, "code_logits", code_logits, 2)
-  codes = _codes_row(fn, assignment)
+  code_logits, codes = _code_logits_and_codes(fn, code_logits, assignment)
   (n, k), v = code_logits.shape, codes.shape[1]
-  if k < 1:
-    raise ValueError(f"{fn}: code_logits must hold at least one code, got shape "
-                     f"{code_logits.shape}.")
   out_dtype = jnp.dtype(code_logits.dtype if out_dtype is None else out_dtype)
   if out_dtype not in _SUPPORTED_DTYPES:
     raise ValueError(f"{fn}: out_dtype must be float32 or bfloat16, got {out_dtype}.")
@@ -518,12 +523,8 @@ def scatter_top_k(code_logits, assignment, token_bias, *, k: int,
     float32 values ``[N, k]`` in descending order and int32 token ids ``[N, k]``.
   """
   fn = "scatter_top_k"
-  code_logits = _float_operand(fn, "code_logits", code_logits, 2)
-  codes = _codes_row(fn, assignment)
+  code_logits, codes = _code_logits_and_codes(fn, code_logits, assignment)
   (n, kc), v = code_logits.shape, codes.shape[1]
-  if kc < 1:
-    raise ValueError(f"{fn}: code_logits must hold at least one code, got shape "
-                     f"{code_logits.shape}.")
   k = _static_int(fn, "k", k, 1)
   if k > v:
     raise ValueError(f"{fn}: k = {k} exceeds the vocabulary size V = {v}.")
