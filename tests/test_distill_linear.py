@@ -360,3 +360,16 @@ def test_good_arguments_are_accepted_and_hyperparameters_must_be_static():
   assert linear_distillation(**_good(), hard_weight=1.0).shape == (2, 7)
   with pytest.raises(TypeError, match="`temperature` must be a static"):
     jax.jit(lambda t: linear_distillation(**_good(), temperature=t))(2.0)
+
+
+@pytest.mark.parametrize("divergence,options,passes", [
+    ("kl", {}, 1), ("reverse_kl", {}, 1), ("jsd", dict(beta=0.0), 1),
+    ("skew_reverse_kl", dict(lam=0.0), 1), ("jsd", {}, 2), ("tv", {}, 2),
+])
+def test_plain_kls_take_one_forward_pass_over_the_heads(divergence, options, passes):
+  """The forward's logit matmuls: one student + one teacher per pass over the vocabulary."""
+  specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((40, 8), (50, 8), (40, 12), (50, 12))]
+  forward = jax.jit(lambda hs, ws, ht, wt: linear_distillation(
+      hs, ws, ht, wt, divergence=divergence, block_tokens=16, block_vocab=16, **options))
+  hlo = forward.lower(*specs).as_text()
+  assert hlo.count("stablehlo.dot_general") == 2 * passes

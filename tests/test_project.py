@@ -88,9 +88,11 @@ def test_distill_bench_prints_memory_and_time_tables(capsys):
   memory = re.findall(r"(\w+) \| N=48, D_s=16, D_t=24, V=300, float32 \|\s*([\d.]+) (\w+) \|"
                       r"\s*([\d.]+) (\w+) \|\s*([\d.]+)", out)
   assert [row[0] for row in memory] == ["kl", "jsd"], out
-  times = re.findall(r"(\w+) \| N=64, D_s=16, D_t=24, V=300, float32" + r" \|\s*([\d.]+)" * 3, out)
+  times = re.findall(r"(\w+) \| N=64, D_s=16, D_t=24, V=300, float32" + r" \|\s*([\d.]+)" * 4, out)
   assert [row[0] for row in times] == ["kl", "jsd"], out
-  for _, naive_ms, fused_ms, ratio in times:
+  # One forward pass for KL (3 D_s + 2 D_t), two for JSD (4 D_s + 3 D_t), naive 3 D_s + D_t.
+  assert [row[4] for row in times] == ["1.33", "1.89"], out
+  for _, naive_ms, fused_ms, ratio, _ in times:
     naive_ms, fused_ms, ratio = float(naive_ms), float(fused_ms), float(ratio)
     assert naive_ms > 0 and fused_ms > 0
     assert abs(ratio - fused_ms / naive_ms) <= 0.001 + 0.01 * ratio

@@ -74,6 +74,20 @@ def _log_mix(weight_a: float, la: jax.Array, lb: jax.Array) -> jax.Array:
   return jnp.where(either, mix, -jnp.inf)
 
 
+def plain_kl(name: str, *, beta: float = 0.5, lam: float = 0.1, kl: bool = False) -> str | None:
+  """``"kl"`` / ``"reverse_kl"`` when divergence ``name`` is exactly that one at these options.
+
+  jsd at ``beta`` 0 / 1, skew_kl (KL form) at ``lam = 0`` and skew_reverse_kl at
+  ``lam = 0`` are plain KLs; anything else gives None.
+  """
+  if name == "kl" or (name == "jsd" and beta == 0.0) or (name == "skew_kl" and lam == 0.0 and kl):
+    return "kl"
+  if name == "reverse_kl" or (name == "jsd" and beta == 1.0) or (
+      name == "skew_reverse_kl" and lam == 0.0):
+    return "reverse_kl"
+  return None
+
+
 def divergence_terms(name: str, ls: jax.Array, lt: jax.Array, *, beta: float = 0.5,
                      lam: float = 0.1, kl: bool = False) -> jax.Array:
   """The elementwise terms of divergence ``name`` (summed over the vocabulary it is the loss).
@@ -82,9 +96,10 @@ def divergence_terms(name: str, ls: jax.Array, lt: jax.Array, *, beta: float = 0
   module docstring for the formulas; ``beta`` is the JSD mixture weight, ``lam``
   the skew, ``kl`` turns ``skew_kl`` from the cross-entropy into the KL.
   """
-  if name == "kl" or (name == "jsd" and beta == 0.0) or (name == "skew_kl" and lam == 0.0 and kl):
+  name = plain_kl(name, beta=beta, lam=lam, kl=kl) or name
+  if name == "kl":
     return _plogp_ratio(lt, ls)
-  if name == "reverse_kl" or (name == "jsd" and beta == 1.0):
+  if name == "reverse_kl":
     return _plogp_ratio(ls, lt)
   if name == "jsd":
     lm = _log_mix(beta, lt, ls)
@@ -97,7 +112,7 @@ def divergence_terms(name: str, ls: jax.Array, lt: jax.Array, *, beta: float = 0
     lm = jnp.where(present, lm, 0.0)
     return jnp.where(present, -jnp.exp(jnp.where(present, lt, 0.0)) * lm, 0.0)
   if name == "skew_reverse_kl":
-    lm = ls if lam == 1.0 else (lt if lam == 0.0 else _log_mix(lam, ls, lt))
+    lm = ls if lam == 1.0 else _log_mix(lam, ls, lt)
     return _plogp_ratio(ls, lm)
   if name == "tv":
     return 0.5 * jnp.abs(jnp.exp(ls) - jnp.exp(lt))

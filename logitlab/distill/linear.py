@@ -11,6 +11,9 @@ divergence ``sum_v f(ls_v, lt_v)`` and ``g = df/dls`` (elementwise)::
   forward pass 1: lse_s = logsumexp(z_s / T), lse_t = logsumexp(z_t / T)
                   (and logsumexp(z_s), z_s[y] for the hard term), online in float32
   forward pass 2: S = sum_v f(ls_v, lt_v),  G = sum_v g_v
+                  (not for the plain KLs: pass 1 also keeps E_t[u_t - u_s] online,
+                  and KL(t||s) = E_t[u_t - u_s] - lse_t + lse_s, G = -1; the
+                  reverse KL likewise under the student, G = KL + 1)
   backward:       dL/dz_s = soft_weight (g - softmax(z_s / T) G) / T
                             + hard_weight (softmax(z_s) - onehot(y))
 
@@ -37,6 +40,7 @@ from jax import lax
 from logitlab import _tiling as tiling
 from logitlab import _validation as v
 from logitlab import debug
+from logitlab.distill import divergences
 from logitlab.distill.divergences import DIVERGENCES, divergence_terms
 
 __all__ = ["linear_distillation"]
@@ -78,6 +82,11 @@ class _Plan:
   def scaled(self, z):
     return z if self.temperature == 1.0 else z / self.temperature
 
+  @property
+  def plain_kl(self) -> str | None:
+    """``"kl"`` / ``"reverse_kl"`` when the divergence is one: one forward pass suffices."""
+    return divergences.plain_kl(self.divergence, beta=self.beta, lam=self.lam, kl=self.kl)
+
   def terms_and_grads(self, ls, lt):
     """``(f, df/dls)`` elementwise on a tile of log-probabilities."""
     terms = lambda a: divergence_terms(self.divergence, a, lt, beta=self.beta, lam=self.lam,
@@ -94,6 +103,17 @@ def _own_vocab(z, col_ids, size: int, vocab: int):
 def _masked_rows(x, keep):
   """Rows of a hidden tile, zeroed where ``keep`` is False (NaN there reaches nothing)."""
   return jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
+
+
+def _weighted_sum_step(acc, prev_max, new_max, u, values):
+  """Online ``sum_v exp(u_v - max) values_v`` (0 where ``u = -inf``), moved from ``prev_max``.
+
+  Uses the shift of :func:`logitlab._tiling.online_logsumexp`, so that divided by
+  its running sum it is the expectation of ``values`` under ``softmax(u)``.
+  """
+  shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+  w = jnp.exp(u - shift[:, None])
+  return acc * jnp.exp(prev_max - shift) + jnp.sum(jnp.where(w > 0, w * values, 0.0), axis=1)
 
 
 def _forward_stats(plan: _Plan, h_s, w_s, b_s, h_t, w_t, b_t, labels, valid):
@@ -123,29 +143,43 @@ def _forward_stats(plan: _Plan, h_s, w_s, b_s, h_t, w_t, b_t, labels, valid):
       return col_ids, cols.fresh(j, cols.start(j)), z_s, z_t
 
     def normalizers(j, stats):
-      max_s, sum_s, max_t, sum_t, max_h, sum_h, label_logit = stats
+      max_s, sum_s, max_t, sum_t, max_h, sum_h, label_logit, expect = stats
       col_ids, fresh, z_s, z_t = logits(j)
       excluded = lambda z: jnp.where(fresh, z, -jnp.inf)
-      max_s, sum_s = tiling.online_logsumexp(max_s, sum_s, excluded(plan.scaled(z_s)))
+      u_s, prev_max_s = excluded(plan.scaled(z_s)), max_s
+      max_s, sum_s = tiling.online_logsumexp(max_s, sum_s, u_s)
       if plan.soft:
-        max_t, sum_t = tiling.online_logsumexp(max_t, sum_t, excluded(plan.scaled(z_t)))
+        u_t, prev_max_t = excluded(plan.scaled(z_t)), max_t
+        max_t, sum_t = tiling.online_logsumexp(max_t, sum_t, u_t)
+        # The plain KLs need no second pass: E_t[u_t - u_s] or E_s[u_s - u_t] online.
+        if plan.plain_kl == "kl":
+          expect = _weighted_sum_step(expect, prev_max_t, max_t, u_t, u_t - u_s)
+        elif plan.plain_kl == "reverse_kl":
+          expect = _weighted_sum_step(expect, prev_max_s, max_s, u_s, u_s - u_t)
       if separate_hard_lse:
         max_h, sum_h = tiling.online_logsumexp(max_h, sum_h, excluded(z_s))
       if plan.hard:
         is_label = fresh & (col_ids == y[:, None])
         label_logit += jnp.sum(jnp.where(is_label, z_s, 0.0), axis=1)
-      return max_s, sum_s, max_t, sum_t, max_h, sum_h, label_logit
+      return max_s, sum_s, max_t, sum_t, max_h, sum_h, label_logit, expect
 
     zeros = jnp.zeros((rows.block,), jnp.float32)
     minus_inf = jnp.full((rows.block,), -jnp.inf)
-    init = tiling.varying_like((minus_inf, zeros) * 3 + (zeros,), *refs)
-    max_s, sum_s, max_t, sum_t, max_h, sum_h, label_logit = lax.fori_loop(
+    init = tiling.varying_like((minus_inf, zeros) * 3 + (zeros, zeros), *refs)
+    max_s, sum_s, max_t, sum_t, max_h, sum_h, label_logit, expect = lax.fori_loop(
         0, cols.count, normalizers, init)
     lse_s = tiling.finish_logsumexp(max_s, sum_s)
     lse_t = tiling.finish_logsumexp(max_t, sum_t) if plan.soft else zeros
     lse_hard = tiling.finish_logsumexp(max_h, sum_h) if separate_hard_lse else lse_s
     if not plan.soft:
       return zeros, zeros, lse_s, lse_t, lse_hard, label_logit
+    # KL(t||s) = E_t[u_t - u_s] - lse_t + lse_s with sum g = -1;
+    # KL(s||t) = E_s[u_s - u_t] - lse_s + lse_t with sum g = KL + 1 (g = p_s (ls - lt + 1)).
+    if plan.plain_kl == "kl":
+      return expect / sum_t - lse_t + lse_s, zeros - 1.0, lse_s, lse_t, lse_hard, label_logit
+    if plan.plain_kl == "reverse_kl":
+      total = expect / sum_s - lse_s + lse_t
+      return total, total + 1.0, lse_s, lse_t, lse_hard, label_logit
 
     def sums(j, acc):
       total, grad_total = acc
