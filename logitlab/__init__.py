@@ -3,7 +3,7 @@
 from logitlab import distill
 from logitlab.debug import debug_checks
 from logitlab.distill.linear import linear_distillation
-from logitlab.linear import linear_cross_entropy
+from logitlab.linear import linear_cross_entropy, vocab_parallel_linear_cross_entropy
 from logitlab.losses import cross_entropy, kl_divergence, softmax_cross_entropy
 from logitlab.vq import code_log_mass, vq_code_logits, vq_cross_entropy, vq_scatter
 from logitlab.vq_assignment import (codebook_from_assignment, contiguous_assignment,
@@ -21,6 +21,7 @@ __all__ = [
     "debug_checks",
     "kl_divergence",
     "linear_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
     "distill",
     "linear_distillation",
     "softmax_cross_entropy",

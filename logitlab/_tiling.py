@@ -81,7 +81,10 @@ def varying_like(tree, *refs):
   an exact scalar zero derived from ``refs`` gives the carry their axes; outside
   shard_map it is a no-op that XLA folds away.
   """
-  zero = sum(jnp.zeros_like(r, jnp.float32, shape=()) for r in refs if r is not None)
+  # The sum over an empty slice reads no value of `r` and keeps no sharding of its
+  # (a zeros_like of `r` would carry its sharding spec onto a scalar).
+  zero = sum(jnp.sum(jnp.expand_dims(r, 0)[:0], dtype=jnp.float32)
+             for r in refs if r is not None)
   return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
 

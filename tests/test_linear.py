@@ -688,3 +688,17 @@ def test_xla_path_lowers_for_accelerators_without_an_n_by_v_tensor(platform):
   # The materialized form does hold one, so the check above can fail.
   naive = jax.jit(lambda h, w, y: logitlab.cross_entropy(h @ w.T, y).mean())
   assert re.search(rf"tensor<{n}x{v}x", jax.export.export(naive, platforms=[platform])(*specs).mlir_module())
+
+
+def test_eager_call_on_a_sharded_weight():
+  """Outside jit, a weight with a NamedSharding (here a 1-device mesh) works as under jit."""
+  mesh = jax.make_mesh((1,), ("vocab",), axis_types=(jax.sharding.AxisType.Auto,))
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)
+  weight = jnp.asarray(rng.normal(size=(20, 8)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 20, size=5), jnp.int32)
+  sharded = jax.device_put(weight, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      "vocab", None)))
+  out = logitlab.linear_cross_entropy(hidden, sharded, labels, impl="xla", block_vocab=8)
+  ref = logitlab.cross_entropy(hidden @ weight.T, labels)
+  np.testing.assert_allclose(out, ref, rtol=1e-5)
