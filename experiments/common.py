@@ -1,10 +1,14 @@
-"""Helpers shared by the experiment modules: timing, compile-time memory, tables."""
+"""Helpers shared by the experiment modules: timing, compile-time memory, tables, metrics, plots."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import pathlib
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 
@@ -41,3 +45,199 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
   lines = [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
   lines.insert(1, "-+-".join("-" * w for w in widths))
   return "\n".join(lines)
+
+
+# --- files an experiment writes: metrics (JSON lines + CSV), tables (.md / .csv / .png), plots ---
+
+def _plain(value):
+  """A JSON / CSV friendly copy of ``value`` (numpy and jax scalars become Python numbers)."""
+  if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+    return value.item()
+  return value
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """The rows of a JSON-lines file (an absent file has none; a torn last line is skipped)."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:  # a process killed mid-write leaves a partial last line
+      continue
+  return rows
+
+
+class MetricsWriter:
+  """Appends metric rows to ``{out_dir}/{name}.jsonl`` and ``{out_dir}/{name}.csv``.
+
+  Every row is flushed as it is written, so a killed run keeps what it logged.
+  ``keep_through_step``: on open, drop the rows of an earlier run whose ``"step"``
+  is greater (a run resumed from the checkpoint of step ``s`` logs steps ``s+1..``
+  again); None starts both files afresh. The CSV's columns are the keys of the
+  first row, in order; a row with a new key rewrites the CSV with that column added.
+
+  Example:
+    >>> import tempfile
+    >>> with MetricsWriter(tempfile.mkdtemp(), "train") as w:
+    ...   w.write({"step": 1, "loss": 2.5})
+    >>> read_jsonl(w.jsonl_path)
+    [{'step': 1, 'loss': 2.5}]
+  """
+
+  def __init__(self, out_dir: str | os.PathLike, name: str, *,
+               keep_through_step: int | None = None):
+    self.out_dir = pathlib.Path(out_dir)
+    self.out_dir.mkdir(parents=True, exist_ok=True)
+    self.jsonl_path = self.out_dir / f"{name}.jsonl"
+    self.csv_path = self.out_dir / f"{name}.csv"
+    kept = []
+    if keep_through_step is not None:
+      kept = [r for r in read_jsonl(self.jsonl_path) if r.get("step", 0) <= keep_through_step]
+    self.rows: list[dict] = []
+    self._columns: list[str] = []
+    self._jsonl = open(self.jsonl_path, "w")  # noqa: SIM115 - closed in close()
+    self._csv = None
+    for row in kept:
+      self.write(row)
+
+  def _rewrite_csv(self):
+    if self._csv is not None:
+      self._csv.close()
+    self._csv = open(self.csv_path, "w", newline="")  # noqa: SIM115
+    writer = csv.DictWriter(self._csv, fieldnames=self._columns, restval="")
+    writer.writeheader()
+    writer.writerows(self.rows)
+    self._csv.flush()
+
+  def write(self, row: dict) -> None:
+    row = {k: _plain(v) for k, v in row.items()}
+    self.rows.append(row)
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    new = [k for k in row if k not in self._columns]
+    if new or self._csv is None:
+      self._columns.extend(new)
+      self._rewrite_csv()
+    else:
+      csv.DictWriter(self._csv, fieldnames=self._columns, restval="").writerow(row)
+      self._csv.flush()
+
+  def column(self, key: str) -> tuple[list, list]:
+    """``(steps, values)`` of the rows that have ``key``."""
+    rows = [r for r in self.rows if key in r]
+    return [r.get("step") for r in rows], [r[key] for r in rows]
+
+  def close(self) -> None:
+    self._jsonl.close()
+    if self._csv is not None:
+      self._csv.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")  # files only; no display on pods or CI
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence, Sequence]], *,
+                xlabel: str = "step", ylabel: str = "loss", title: str | None = None,
+                logy: bool = False, markers: bool | Sequence[str] = False) -> pathlib.Path:
+  """Writes a PNG of line plots: ``curves`` maps a legend label to ``(xs, ys)``.
+
+  ``markers``: dots on every curve (True) or on the curves of these labels.
+  Empty curves are skipped (a plot with no data still gets axes and a title).
+  """
+  plt = _pyplot()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+  try:
+    for label, (xs, ys) in curves.items():
+      dots = markers is True or (not isinstance(markers, bool) and label in markers)
+      if len(xs):
+        ax.plot(list(xs), list(ys), label=label, marker="o" if dots else None,
+                markersize=3 if dots else None, linewidth=1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+      ax.set_yscale("log")
+    if title:
+      ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if any(len(xs) for xs, _ in curves.values()):
+      ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+  finally:
+    plt.close(fig)
+  return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+  """A GitHub-flavoured Markdown table (``|`` in cells escaped)."""
+  def cells(row):
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+  return "\n".join([cells(headers), "|" + "|".join("---" for _ in headers) + "|"]
+                   + [cells(r) for r in rows]) + "\n"
+
+
+def render_table_png(path: str | os.PathLike, headers: Sequence[str],
+                     rows: Sequence[Sequence[object]], *, title: str | None = None) -> pathlib.Path:
+  """Renders a results table to a PNG image with matplotlib."""
+  plt = _pyplot()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  text = [[str(c) for c in row] for row in rows]
+  widths = [max([len(str(h))] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
+  fig_w = min(max(3.0, 0.11 * sum(widths) + 0.4 * len(headers)), 30.0)
+  fig_h = 0.6 + 0.3 * (len(rows) + 1) + (0.3 if title else 0.0)
+  fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
+  try:
+    ax.axis("off")
+    table_artist = ax.table(cellText=text or None, colLabels=list(map(str, headers)),
+                            loc="center", cellLoc="right", colLoc="center",
+                            colWidths=[w / sum(widths) for w in widths])
+    table_artist.auto_set_font_size(False)
+    table_artist.set_fontsize(9)
+    for (r, _), cell in table_artist.get_celld().items():
+      if r == 0:
+        cell.set_text_props(weight="bold")
+        cell.set_facecolor("#e8e8e8")
+    if title:
+      ax.set_title(title)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.15)
+  finally:
+    plt.close(fig)
+  return path
+
+
+def write_table(path: str | os.PathLike, headers: Sequence[str], rows: Sequence[Sequence[object]],
+                *, png: bool = False, title: str | None = None) -> list[pathlib.Path]:
+  """Writes a results table as ``{stem}.md`` and ``{stem}.csv`` (and ``{stem}.png`` with ``png``).
+
+  ``path``'s suffix, if any, is replaced. Returns the paths written.
+  """
+  stem = pathlib.Path(path)
+  stem = stem.with_suffix("") if stem.suffix in (".md", ".csv", ".png") else stem
+  stem.parent.mkdir(parents=True, exist_ok=True)
+  md, csv_path = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".csv")
+  md.write_text((f"**{title}**\n\n" if title else "") + markdown_table(headers, rows))
+  with open(csv_path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(headers)
+    writer.writerows([[_plain(c) for c in row] for row in rows])
+  written = [md, csv_path]
+  if png:
+    written.append(render_table_png(stem.with_name(stem.name + ".png"), headers, rows,
+                                    title=title))
+  return written
