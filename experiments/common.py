@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
+import datetime
 import json
+import math
 import os
 import pathlib
 import statistics
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -241,3 +246,79 @@ def write_table(path: str | os.PathLike, headers: Sequence[str], rows: Sequence[
     written.append(render_table_png(stem.with_name(stem.name + ".png"), headers, rows,
                                     title=title))
   return written
+
+
+# --------------------------------------------------------------------------- --out-dir of the benchmarks
+
+def add_out_dir_argument(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--out-dir", "--out_dir", dest="out_dir", default=None,
+                      help="also write the tables (.md, .csv, .png), bar charts and meta.json "
+                           "here (default: print only)")
+
+
+def write_meta(out_dir: str | pathlib.Path, module: str, argv: Sequence[str] | None) -> None:
+  """``meta.json``: the command, jax version, device and date of a benchmark run."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  device = jax.devices()[0]
+  meta = {"command": " ".join([f"python -m {module}", *argv]), "jax": jax.__version__,
+          "platform": device.platform, "device_kind": device.device_kind,
+          "device_count": jax.device_count(),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def plot_bars(path: str | pathlib.Path, groups: Sequence[str],
+              series: Mapping[str, Sequence[float]], *, ylabel: str, title: str | None = None,
+              logy: bool = False, fmt: str = "{:.3g}") -> pathlib.Path:
+  """Writes a grouped bar chart PNG: one group per ``groups`` entry, one bar per series.
+
+  ``series`` maps a legend label to one value per group; each bar is labelled with
+  its value (``fmt``). ``logy`` for values that span orders of magnitude (memory).
+  """
+  import matplotlib
+  matplotlib.use("Agg")  # files only, as experiments.common
+  import matplotlib.pyplot as plt
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  width = 0.8 / max(len(series), 1)
+  fig_width = max(5.0, 1.5 + 0.7 * len(groups) * len(series))
+  fig, ax = plt.subplots(figsize=(fig_width, 4.2), dpi=110)
+  try:
+    for i, (label, values) in enumerate(series.items()):
+      xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+      bars = ax.bar(xs, list(values), width, label=label)
+      ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=7, padding=1)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_ylabel(ylabel)
+    if logy:  # bars start at the decade below the smallest value, not at a clipped 0
+      ax.set_yscale("log")
+      positive = [v for values in series.values() for v in values if v > 0]
+      if positive:
+        ax.set_ylim(bottom=10 ** math.floor(math.log10(min(positive))))
+    if title:
+      ax.set_title(textwrap.fill(title, int(11 * fig_width)), fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+  finally:
+    plt.close(fig)
+  return path
+
+
+def write_outputs(out_dir: str | pathlib.Path, name: str, headers: Sequence[str],
+                  rows: Sequence[Sequence[object]], title: str,
+                  bars: dict | None = None) -> list[pathlib.Path]:
+  """``{name}.md/.csv/.png`` of a printed table and, with ``bars`` (kwargs of
+  :func:`plot_bars` without ``path`` and ``title``), ``{name}_bars.png``."""
+  out_dir = pathlib.Path(out_dir)
+  paths = write_table(out_dir / name, headers, rows, png=True, title=title)
+  if bars is not None:
+    paths.append(plot_bars(out_dir / f"{name}_bars.png", title=title, **bars))
+  print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+  return paths
+
+
+MIB = 1024 * 1024

@@ -15,6 +15,10 @@ Naive: both models' logits materialized, the divergence from
 ``2N(3 D_s + D_t)V``; fused ``2N(4 D_s + 3 D_t)V`` (two forward passes over the
 vocabulary, the backward recomputes both models' logits), or ``2N(3 D_s + 2 D_t)V``
 for the plain KLs, whose forward takes one pass.
+
+``--out-dir DIR`` also writes both tables as ``DIR/{memory,time}.{md,csv,png}``, bar
+charts ``DIR/{memory,time}_bars.png`` (per divergence, naive against fused) and
+``DIR/meta.json`` (as ``linear_ce_bench``).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--skip-memory", action="store_true")
   parser.add_argument("--skip-time", action="store_true")
+  common.add_out_dir_argument(parser)
   args = parser.parse_args(argv)
   divergences = args.divergences.split(",")
   unknown = sorted(set(divergences) - set(NAIVE))
@@ -98,6 +103,7 @@ def main(argv=None) -> int:
   steps = ([] if args.skip_memory else [("memory", d) for d in divergences]) + (
       [] if args.skip_time else [("time", d) for d in divergences])
   memory_rows, time_rows = [], []
+  memory_raw, time_raw = [], []  # (divergence, naive, fused) unformatted, for the bar charts
   for kind, divergence in tqdm.tqdm(steps, desc="distill_bench", file=sys.stderr):
     naive, fused = naive_loss(divergence), fused_loss(divergence, args)
     if kind == "memory":
@@ -108,6 +114,7 @@ def main(argv=None) -> int:
       memory_rows.append([divergence, f"N={n}, D_s={ds}, D_t={dt}, V={v}, {args.memory_dtype}",
                           common.format_bytes(naive_bytes), common.format_bytes(fused_bytes),
                           f"{fused_bytes / naive_bytes:.4f}"])
+      memory_raw.append((divergence, naive_bytes / common.MIB, fused_bytes / common.MIB))
     else:
       inputs = random_inputs(args.n, args.ds, args.dt, args.v, jnp.dtype(args.dtype))
       naive_fn, fused_fn = jax.jit(value_and_grad(naive)), jax.jit(value_and_grad(fused))
@@ -118,14 +125,31 @@ def main(argv=None) -> int:
       time_rows.append([divergence, f"N={args.n}, D_s={args.ds}, D_t={args.dt}, V={args.v}, "
                         f"{args.dtype}", f"{t_naive * 1e3:.3f}", f"{t_fused * 1e3:.3f}",
                         f"{t_fused / t_naive:.3f}", f"{flops:.2f}"])
+      time_raw.append((divergence, t_naive * 1e3, t_fused * 1e3))
 
+  def bars(raw, ylabel, logy):
+    return dict(groups=[d for d, _, _ in raw], ylabel=ylabel, logy=logy,
+                series={"naive": [n for _, n, _ in raw], "fused": [f for _, _, f in raw]})
+
+  tables = []
   if memory_rows:
-    print("\n(a) value_and_grad (student hidden, weight) temp memory, compile only")
-    print(common.table(["divergence", "shape", "naive", "fused", "fused/naive"], memory_rows))
+    headers = ["divergence", "shape", "naive", "fused", "fused/naive"]
+    caption = "(a) value_and_grad (student hidden, weight) temp memory, compile only"
+    print(f"\n{caption}")
+    print(common.table(headers, memory_rows))
+    tables.append(("memory", f"{caption}, {memory_rows[0][1]}", headers, memory_rows,
+                   bars(memory_raw, "temp memory (MiB)", logy=True)))
   if time_rows:
-    print(f"\n(b) value_and_grad time, median of {args.repeats} runs (ms)")
-    print(common.table(["divergence", "shape", "naive", "fused", "fused/naive",
-                        "FLOPs fused/naive"], time_rows))
+    headers = ["divergence", "shape", "naive", "fused", "fused/naive", "FLOPs fused/naive"]
+    caption = f"(b) value_and_grad time, median of {args.repeats} runs (ms)"
+    print(f"\n{caption}")
+    print(common.table(headers, time_rows))
+    tables.append(("time", f"{caption}, {time_rows[0][1]}", headers, time_rows,
+                   bars(time_raw, "time (ms)", logy=False)))
+  if args.out_dir is not None:
+    common.write_meta(args.out_dir, "experiments.distill_bench", argv)
+    for name, caption, headers, rows, chart in tables:
+      common.write_outputs(args.out_dir, name, headers, rows, caption, chart)
   return 0
 
 

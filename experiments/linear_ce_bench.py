@@ -8,6 +8,11 @@
 (b) Measured fwd+bwd time of the same function at a CPU-sized shape, median of
     ``--repeats`` runs in one process, and the ratio logitlab / naive, beside the
     time of one plain ``N x D x V`` matmul as the unit of work.
+
+``--out-dir DIR`` also writes each table as ``DIR/<table>.{md,csv,png}`` (the
+experiments' :func:`experiments.common.write_table` format), a bar chart of it as
+``DIR/<table>_bars.png``, and ``DIR/meta.json`` (command, jax, device, date). The
+tables: ``memory`` (a), ``time`` (b), ``heads`` (c).
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ def main(argv=None) -> int:
   parser.add_argument("--heads", action="store_true",
                       help="(c) on an accelerator: time naive, xla and --impl at the head shapes "
                            "in --memory-dtype, with effective TFLOP/s (8NDV / time)")
+  common.add_out_dir_argument(parser)
   args = parser.parse_args(argv)
   fused = fused_loss(args)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
@@ -101,6 +107,7 @@ def main(argv=None) -> int:
       [] if args.skip_time else [("time", None)]) + (
       [("heads", name) for name in HEAD_SHAPES] if args.heads else [])
   memory_rows, time_rows, head_rows = [], [], []
+  memory_raw, time_raw = [], []  # unformatted values for the bar charts
   for kind, name in tqdm.tqdm(steps, desc="linear_ce_bench", file=sys.stderr):
     if kind == "memory":
       n, d, v = HEAD_SHAPES[name]
@@ -110,6 +117,7 @@ def main(argv=None) -> int:
       memory_rows.append([f"{name} (N={n}, D={d}, V={v}, {args.memory_dtype})",
                           common.format_bytes(naive), common.format_bytes(ours),
                           f"{ours / naive:.4f}"])
+      memory_raw.append((name, naive, ours))
     elif kind == "time":
       inputs = random_inputs(args.n, args.d, args.v, jnp.dtype(args.dtype))
       matmul = jax.jit(lambda h, w, y: h @ w.T)
@@ -119,21 +127,46 @@ def main(argv=None) -> int:
       time_rows.append([f"N={args.n}, D={args.d}, V={args.v}, {args.dtype}",
                         f"{t_matmul * 1e3:.3f}", f"{t_naive * 1e3:.3f}", f"{t_fused * 1e3:.3f}",
                         f"{t_fused / t_naive:.3f}"])
+      time_raw.append((t_matmul, t_naive, t_fused))
     else:
       head_rows += time_head(name, args)
 
+  tables = []  # (file name, caption, headers, rows, bar chart)
   if memory_rows:
-    print("\n(a) value_and_grad temp memory, compile only")
-    print(common.table(["head shape", "naive", "logitlab", "ratio"], memory_rows))
+    headers = ["head shape", "naive", "logitlab", "ratio"]
+    caption = "(a) value_and_grad temp memory, compile only"
+    print(f"\n{caption}")
+    print(common.table(headers, memory_rows))
+    tables.append(("memory", caption, headers, memory_rows, dict(
+        groups=[name for name, _, _ in memory_raw], ylabel="temp memory (MiB)", logy=True,
+        series={"naive": [n / common.MIB for _, n, _ in memory_raw],
+                "logitlab": [o / common.MIB for _, _, o in memory_raw]})))
   if head_rows:
-    print(f"\n(c) value_and_grad at the head shapes, {args.memory_dtype}, median of "
-          f"{args.repeats} runs; effective TFLOP/s = 8*N*D*V / time")
-    print(common.table(["head shape", "implementation", "time (ms)", "eff. TFLOP/s",
-                        "temp memory"], head_rows))
+    headers = ["head shape", "implementation", "time (ms)", "eff. TFLOP/s", "temp memory"]
+    caption = (f"(c) value_and_grad at the head shapes, {args.memory_dtype}, median of "
+               f"{args.repeats} runs; effective TFLOP/s = 8*N*D*V / time")
+    print(f"\n{caption}")
+    print(common.table(headers, head_rows))
+    names = list(dict.fromkeys(row[0] for row in head_rows))
+    impls = list(dict.fromkeys(row[1] for row in head_rows))
+    ms = {(row[0], row[1]): float(row[2]) for row in head_rows}
+    tables.append(("heads", caption, headers, head_rows, dict(
+        groups=names, ylabel="time (ms)",
+        series={impl: [ms[name, impl] for name in names] for impl in impls})))
   if time_rows:
-    print(f"\n(b) value_and_grad time, median of {args.repeats} runs (ms); one N x D x V matmul "
-          "for scale (naive does 3 of them, logitlab 4: 6NDV vs 8NDV FLOPs)")
-    print(common.table(["shape", "one matmul", "naive", "logitlab", "logitlab/naive"], time_rows))
+    headers = ["shape", "one matmul", "naive", "logitlab", "logitlab/naive"]
+    caption = (f"(b) value_and_grad time, median of {args.repeats} runs (ms); one N x D x V "
+               "matmul for scale (naive does 3 of them, logitlab 4: 6NDV vs 8NDV FLOPs)")
+    print(f"\n{caption}")
+    print(common.table(headers, time_rows))
+    tables.append(("time", caption, headers, time_rows, dict(
+        groups=[row[0] for row in time_rows], ylabel="time (ms)",
+        series={label: [t[i] * 1e3 for t in time_raw]
+                for i, label in enumerate(["one matmul", "naive", "logitlab"])})))
+  if args.out_dir is not None:
+    common.write_meta(args.out_dir, "experiments.linear_ce_bench", argv)
+    for name, caption, headers, rows, bars in tables:
+      common.write_outputs(args.out_dir, name, headers, rows, caption, bars)
   return 0
 
 

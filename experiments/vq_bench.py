@@ -7,6 +7,9 @@ hidden states and the head's parameters, median of ``--repeats`` runs in one
 process: the naive dense head (materialized ``[N, V]`` logits), the fused dense
 head (``linear_cross_entropy``) and the VQ head (``vq_cross_entropy``, exact,
 ``O(N K + V)``), with the ratios dense / VQ.
+
+``--out-dir DIR`` also writes both tables as ``DIR/{params,time}.{md,csv,png}``, bar
+charts ``DIR/{params,time}_bars.png`` and ``DIR/meta.json`` (as ``linear_ce_bench``).
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ def main(argv=None) -> int:
   parser.add_argument("--token-bias", action="store_true", help="VQ head with a per-token bias")
   parser.add_argument("--shapes", default=",".join(f"{v}:{k}:{d}" for v, k, d in SHAPES),
                       help="comma-separated V:K:D")
+  common.add_out_dir_argument(parser)
   args = parser.parse_args(argv)
   shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")]
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, N={args.n}, float32, "
         f"token_bias={args.token_bias}")
 
   param_rows, time_rows = [], []
+  param_raw, time_raw = [], []  # unformatted values for the bar charts
   for v, k, d in tqdm.tqdm(shapes, desc="vq_bench", file=sys.stderr):
     keys = jax.random.split(jax.random.key(0), 4)
     hidden = jax.random.normal(keys[0], (args.n, d))
@@ -67,6 +72,7 @@ def main(argv=None) -> int:
     dense_params, vq_params = v * d, k * d + (v if args.token_bias else 0)
     param_rows.append([f"V={v}, K={k}, D={d}", f"{dense_params:,}", f"{vq_params:,}",
                        f"{100 * (1 - vq_params / dense_params):.2f}%"])
+    param_raw.append((dense_params, vq_params))
     times = {}
     for name, loss in losses().items():
       head = codebook if name == "vq_cross_entropy" else weight
@@ -77,12 +83,29 @@ def main(argv=None) -> int:
     time_rows.append([f"V={v}, K={k}, D={d}", *(f"{t * 1e3:.3f}" for t in times.values()),
                       f"{times['naive dense'] / vq_time:.1f}",
                       f"{times['linear_cross_entropy'] / vq_time:.1f}"])
+    time_raw.append(times)
 
-  print("\nOutput-layer parameters")
-  print(common.table(["shape", "dense", "VQ", "fewer"], param_rows))
-  print(f"\nvalue_and_grad time (ms), median of {args.repeats} runs")
-  print(common.table(["shape", "naive dense", "linear_cross_entropy", "vq_cross_entropy",
-                      "naive/VQ", "fused/VQ"], time_rows))
+  groups = [f"V={v}, K={k}, D={d}" for v, k, d in shapes]
+  tables = []
+  headers, caption = ["shape", "dense", "VQ", "fewer"], "Output-layer parameters"
+  print(f"\n{caption}")
+  print(common.table(headers, param_rows))
+  tables.append(("params", caption, headers, param_rows, dict(
+      groups=groups, ylabel="output-layer parameters", logy=True, fmt="{:,.0f}",
+      series={"dense": [d for d, _ in param_raw], "VQ": [q for _, q in param_raw]})))
+  headers = ["shape", "naive dense", "linear_cross_entropy", "vq_cross_entropy", "naive/VQ",
+             "fused/VQ"]
+  caption = f"value_and_grad time (ms), median of {args.repeats} runs"
+  print(f"\n{caption}")
+  print(common.table(headers, time_rows))
+  time_bars = dict(groups=groups, ylabel="time (ms)",
+                   series={name: [t[name] * 1e3 for t in time_raw] for name in losses()})
+  tables.append(("time", f"{caption}, N={args.n}, float32, token_bias={args.token_bias}",
+                 headers, time_rows, time_bars))
+  if args.out_dir is not None:
+    common.write_meta(args.out_dir, "experiments.vq_bench", argv)
+    for name, caption, headers, rows, bars in tables:
+      common.write_outputs(args.out_dir, name, headers, rows, caption, bars)
   return 0
 
 
