@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -147,11 +148,23 @@ class MetricsWriter:
     self.close()
 
 
-def _pyplot():
+@contextlib.contextmanager
+def _figure(path: str | os.PathLike, figsize: tuple[float, float], *, tight_layout: bool = True,
+            **savefig_options):
+  """Yields the axes of a new matplotlib figure, saved to ``path`` (PNG) and closed on exit."""
   import matplotlib
   matplotlib.use("Agg")  # files only; no display on pods or CI
   import matplotlib.pyplot as plt
-  return plt
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig, ax = plt.subplots(figsize=figsize, dpi=110)
+  try:
+    yield ax
+    if tight_layout:
+      fig.tight_layout()
+    fig.savefig(path, **savefig_options)
+  finally:
+    plt.close(fig)
 
 
 def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence, Sequence]], *,
@@ -162,11 +175,7 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence, Se
   ``markers``: dots on every curve (True) or on the curves of these labels.
   Empty curves are skipped (a plot with no data still gets axes and a title).
   """
-  plt = _pyplot()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-  try:
+  with _figure(path, (7, 4.2)) as ax:
     for label, (xs, ys) in curves.items():
       dots = markers is True or (not isinstance(markers, bool) and label in markers)
       if len(xs):
@@ -181,11 +190,7 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence, Se
     ax.grid(True, alpha=0.3)
     if any(len(xs) for xs, _ in curves.values()):
       ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-  finally:
-    plt.close(fig)
-  return path
+  return pathlib.Path(path)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -199,15 +204,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 def render_table_png(path: str | os.PathLike, headers: Sequence[str],
                      rows: Sequence[Sequence[object]], *, title: str | None = None) -> pathlib.Path:
   """Renders a results table to a PNG image with matplotlib."""
-  plt = _pyplot()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   text = [[str(c) for c in row] for row in rows]
   widths = [max([len(str(h))] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
   fig_w = min(max(3.0, 0.11 * sum(widths) + 0.4 * len(headers)), 30.0)
   fig_h = 0.6 + 0.3 * (len(rows) + 1) + (0.3 if title else 0.0)
-  fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
-  try:
+  with _figure(path, (fig_w, fig_h), tight_layout=False, bbox_inches="tight",
+               pad_inches=0.15) as ax:
     ax.axis("off")
     table_artist = ax.table(cellText=text or None, colLabels=list(map(str, headers)),
                             loc="center", cellLoc="right", colLoc="center",
@@ -220,10 +222,7 @@ def render_table_png(path: str | os.PathLike, headers: Sequence[str],
         cell.set_facecolor("#e8e8e8")
     if title:
       ax.set_title(title)
-    fig.savefig(path, bbox_inches="tight", pad_inches=0.15)
-  finally:
-    plt.close(fig)
-  return path
+  return pathlib.Path(path)
 
 
 def write_table(path: str | os.PathLike, headers: Sequence[str], rows: Sequence[Sequence[object]],
@@ -277,15 +276,9 @@ def plot_bars(path: str | pathlib.Path, groups: Sequence[str],
   ``series`` maps a legend label to one value per group; each bar is labelled with
   its value (``fmt``). ``logy`` for values that span orders of magnitude (memory).
   """
-  import matplotlib
-  matplotlib.use("Agg")  # files only, as experiments.common
-  import matplotlib.pyplot as plt
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   width = 0.8 / max(len(series), 1)
   fig_width = max(5.0, 1.5 + 0.7 * len(groups) * len(series))
-  fig, ax = plt.subplots(figsize=(fig_width, 4.2), dpi=110)
-  try:
+  with _figure(path, (fig_width, 4.2)) as ax:
     for i, (label, values) in enumerate(series.items()):
       xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
       bars = ax.bar(xs, list(values), width, label=label)
@@ -301,11 +294,7 @@ def plot_bars(path: str | pathlib.Path, groups: Sequence[str],
       ax.set_title(textwrap.fill(title, int(11 * fig_width)), fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-  finally:
-    plt.close(fig)
-  return path
+  return pathlib.Path(path)
 
 
 def write_outputs(out_dir: str | pathlib.Path, name: str, headers: Sequence[str],
