@@ -19,6 +19,7 @@ from jax.test_util import check_grads
 
 import logitlab
 from logitlab.distill import classification as cl
+from numeric import fd_grad
 
 N, C = 5, 7
 RTOL, ATOL = 2e-5, 2e-5
@@ -174,15 +175,6 @@ def ref_dist(s, t, *, beta=1.0, gamma=1.0, temperature=1.0, eps=1e-8):
   return temperature**2 * (beta * inter + gamma * intra)
 
 
-def fd_grad(f, x, h=1e-6):
-  """Central-difference gradient of ``sum(f(x))`` in float64."""
-  x = np.asarray(x, np.float64)
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    e = np.zeros_like(x)
-    e[idx] = h
-    g[idx] = (np.sum(f(x + e)) - np.sum(f(x - e))) / (2 * h)
-  return g
 
 
 # ----------------------------------------------------------------------------- registry
